@@ -1,0 +1,193 @@
+"""`vgrt export`: conditioned UNet -> ONNX directory with a manifest.
+
+Steps (each a small function): validate every argument before any work, build the module, trace it
+with torch.onnx (dynamo) at sizes distinct per dynamic dim, choose the attention form, keep the fp16
+overflow spots in fp32, write everything atomically with the manifest last.
+"""
+
+import hashlib
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+import vgrt
+from vgrt.errors import InvalidInputError
+from vgrt.export.attention_forms import ATTENTION_FORMS, apply_attention_form, count_custom_nodes
+from vgrt.export.fp16 import keep_ops_in_fp32
+from vgrt.export.manifest import atomic_directory, write_manifest
+from vgrt.export.spec import ComponentSpec, unet_spec
+from vgrt.models.features import features_text, parse_features
+from vgrt.models.presets import get_preset
+from vgrt.models.unet import ConditionedUNet, UNetSource, build_unet
+from vgrt.models.weights import state_dict_sha256
+from vgrt.plugins.masked_attention.onnx_form import ATTENTION_OP_MIN_OPSET
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16)}
+MIN_OPSET = 18  # the dynamo exporter's opset-17 output fails the ONNX checker
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What `vgrt export` writes.
+
+    Args:
+        preset: model family (tiny, sd15, sd21, sdxl).
+        features: conditioning features: names, 'all' or 'none' (see vgrt.models.features).
+        opset: ONNX opset; 23 gives the standard Attention op, >= 18 otherwise.
+        dtype: 'fp32', or 'fp16' (weights and activations fp16, overflow spots fp32).
+        attention_form: 'custom' (vgrt::MaskedAttention + function body), 'attention', 'decomposed'.
+        seed: seed of the random weights when no weights path is given.
+        weights: local diffusers folder or .safetensors file with real UNet weights.
+        allow_pickle: also accept pickled checkpoints (they can run code when loaded).
+    """
+
+    preset: str = "tiny"
+    features: str = "none"
+    opset: int = 23
+    dtype: str = "fp32"
+    attention_form: str = "custom"
+    seed: int = 0
+    weights: str | None = None
+    allow_pickle: bool = False
+
+    def validate(self) -> frozenset[str]:
+        get_preset(self.preset)
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
+        if self.opset < MIN_OPSET:
+            raise InvalidInputError(f"opset {self.opset} is too old; use --opset {MIN_OPSET} or newer (23 recommended)")
+        if self.attention_form not in ATTENTION_FORMS:
+            raise InvalidInputError(
+                f"unknown attention form {self.attention_form!r}; choose one of: {', '.join(ATTENTION_FORMS)}"
+            )
+        if self.attention_form == "attention" and self.opset < ATTENTION_OP_MIN_OPSET:
+            raise InvalidInputError(
+                f"--attention attention needs opset >= {ATTENTION_OP_MIN_OPSET}, got --opset {self.opset}; "
+                "raise the opset or use --attention decomposed"
+            )
+        if self.weights and not Path(self.weights).exists():
+            raise InvalidInputError(f"weights path {self.weights!r} does not exist")
+        return parse_features(self.features)
+
+
+def trace_sizes(spec: ComponentSpec) -> dict[str, int]:
+    """Sizes for tracing: inside the profile, >= 2 (torch.export specializes 0 and 1) and distinct per
+    dim, so that no two dynamic dims are mistaken for one."""
+    sizes, taken = {}, set()
+    for name, r in spec.dims.items():
+        step = spec.multiple_of.get(name, 1)
+        size = max(r.opt, 2 * step, 2)
+        size -= size % step
+        while size in taken and size + step <= r.max:
+            size += step
+        sizes[name] = size
+        taken.add(size)
+    return sizes
+
+
+def _dynamic_shapes(spec: ComponentSpec) -> dict[str, dict[int, object]]:
+    dims: dict[str, object] = {}
+    for name, r in spec.dims.items():
+        step = spec.multiple_of.get(name, 1)
+        if step > 1:
+            dims[name] = step * torch.export.Dim(f"{name}_div{step}", min=max(1, -(-r.min // step)), max=r.max // step)
+        else:
+            dims[name] = torch.export.Dim(name, min=r.min, max=r.max)
+    return {t.name: {a: dims[d] for a, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}
+
+
+def trace_to_onnx(module: ConditionedUNet, spec: ComponentSpec, opset: int, torch_dtype: torch.dtype) -> onnx.ModelProto:
+    from vgrt.export.feeds import random_feed
+
+    feed = random_feed(spec, trace_sizes(spec), seed=0)
+    program = torch.onnx.export(
+        module,
+        (),
+        kwargs=feed,
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=_dynamic_shapes(spec),
+        output_names=[t.name for t in spec.outputs],
+        optimize=True,
+        verbose=False,
+    )
+    return program.model_proto
+
+
+def export(out: str | Path, settings: ExportSettings = ExportSettings()) -> Path:
+    """Export the UNet of `settings` into directory `out`; return `out`."""
+    features = settings.validate()
+    out = Path(out)
+    dtype_name, torch_dtype = DTYPES[settings.dtype]
+    preset = get_preset(settings.preset)
+    source = UNetSource(settings.preset, settings.seed, settings.weights, settings.allow_pickle)
+    started = time.perf_counter()
+    module = build_unet(source, features)
+    weights_sha256 = state_dict_sha256(module)
+    spec = unet_spec(preset, features, dtype_name, module.num_blocks, dict(module.unet.config))
+    model = trace_to_onnx(module.to(torch_dtype), spec, settings.opset, torch_dtype)
+    fp32_ops = keep_ops_in_fp32(model) if settings.dtype == "fp16" else []
+    masked_nodes = count_custom_nodes(model)
+    model = apply_attention_form(model, settings.attention_form)
+    with atomic_directory(out) as staging:
+        _save(model, staging / "unet.onnx")
+        write_manifest(
+            staging,
+            {
+                "preset": settings.preset,
+                "source": {"seed": settings.seed, "weights": settings.weights, "weights_sha256": weights_sha256},
+                "settings": {"opset": settings.opset, "dtype": settings.dtype, "attention_form": settings.attention_form},
+                "components": {
+                    "unet": {
+                        "file": "unet.onnx",
+                        "spec": spec.to_json(),
+                        "features": sorted(features),
+                        "fp32_ops": fp32_ops,
+                        "attention_form": settings.attention_form,
+                        "masked_attention_nodes": masked_nodes,
+                        "onnx_sha256": _file_sha256(staging / "unet.onnx"),
+                    }
+                },
+                "versions": _versions(),
+            },
+        )
+    log.info(
+        "exported %s unet (features: %s, %s) to %s in %.1f s", settings.preset, features_text(features), settings.dtype, out,
+        time.perf_counter() - started,
+    )  # fmt: skip
+    return out
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    large = model.ByteSize() > PROTOBUF_LIMIT or sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT // 2
+    onnx.save_model(model, path, save_as_external_data=large, all_tensors_to_one_file=True, location=path.name + ".data")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnxruntime
+
+    return {
+        "vgrt": vgrt.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }

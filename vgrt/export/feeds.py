@@ -1,0 +1,45 @@
+"""Valid random inputs for an exported component: for tests, benchmarks and tracing."""
+
+from pathlib import Path
+
+import torch
+
+from vgrt.export.spec import ComponentSpec
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+def random_feed(spec: ComponentSpec, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of `spec` at `sizes` (default: the profile's opt sizes).
+
+    Masks and gates are 0/1 or in [0, 1], indices lie in range, timesteps in [0, 1000), and every
+    region owns at least one token and one latent pixel, so no feature is a silent no-op.
+    """
+    sizes = sizes or spec.profile_sizes("opt")
+    generator = torch.Generator().manual_seed(seed)
+    feed = {}
+    for t in spec.inputs:
+        shape = spec.shape(t, sizes)
+        dtype = _TORCH_DTYPES[t.dtype]
+        if t.index_of:
+            value = torch.randint(0, sizes[t.index_of], shape, generator=generator)
+        elif t.name == "timestep":
+            value = torch.randint(0, 1000, shape, generator=generator).to(dtype)
+        elif t.name in ("region_masks", "token_regions", "self_key_masks", "key_mask"):
+            value = (torch.rand(shape, generator=generator) > 0.5).to(dtype)
+            value.reshape(-1, shape[-1])[:, 0] = 1  # never an empty row: each region/key set is non-empty
+        elif t.value_range is not None:
+            value = torch.rand(shape, generator=generator).to(dtype)
+        elif t.name == "layer_gates":
+            value = torch.ones(shape, dtype=dtype)
+        else:
+            value = torch.randn(shape, generator=generator).to(dtype)
+        feed[t.name] = value
+    return feed
+
+
+def example_feed(directory: str | Path, component: str = "unet", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Valid random inputs for `component` of an exported directory, at the profile's opt shapes."""
+    from vgrt.export.manifest import read_manifest
+
+    return random_feed(read_manifest(directory).component(component).spec, seed=seed)

@@ -1,0 +1,223 @@
+"""The export contract of a component: tensor names, dtypes, symbolic shapes and shape profiles.
+
+One spec drives the exporter (dynamic axes), the manifest, the runners' input checks, example feeds
+and TensorRT optimisation profiles, so names and shapes are written down exactly once.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vgrt.errors import InvalidInputError
+from vgrt.models.features import GATED, FEATURES
+from vgrt.models.presets import Preset, Range
+
+Dim = int | str  # an int is a fixed size; a str names a dynamic dimension of the spec
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[Dim, ...]
+    doc: str = ""
+    # For 0/1 masks and gates: the value range a feed must respect. For index tensors: the dim whose
+    # size bounds the values (indices must lie in [0, size)).
+    value_range: tuple[float, float] | None = None
+    index_of: str | None = None
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, Range]
+    multiple_of: dict[str, int] = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def shape(self, tensor: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else sizes[d] for d in tensor.shape)
+
+    def profile_sizes(self, which: str) -> dict[str, int]:
+        """Sizes of every dynamic dim at 'min', 'opt' or 'max'."""
+        return {name: getattr(r, which) for name, r in self.dims.items()}
+
+    def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Per input, (min, opt, max) shapes: a TensorRT optimisation profile."""
+        sizes = [self.profile_sizes(w) for w in ("min", "opt", "max")]
+        return {t.name: tuple(self.shape(t, s) for s in sizes) for t in self.inputs}
+
+    def validate(self, feed: dict[str, Any]) -> dict[str, int]:
+        """Check names, dtypes, shapes, profile ranges and value ranges; return the dynamic dim sizes."""
+        expected = {t.name for t in self.inputs}
+        missing, unknown = sorted(expected - set(feed)), sorted(set(feed) - expected)
+        if missing or unknown:
+            raise InvalidInputError(
+                f"{self.name} feed does not match the exported inputs: missing {missing or 'none'}, "
+                f"unexpected {unknown or 'none'}; the inputs are {[t.name for t in self.inputs]}"
+            )
+        sizes: dict[str, tuple[int, str]] = {}
+        for t in self.inputs:
+            self._check_tensor(t, feed[t.name], sizes)
+        resolved = {dim: size for dim, (size, _) in sizes.items()}
+        for t in self.inputs:
+            self._check_values(t, feed[t.name], resolved)
+        return resolved
+
+    def _check_tensor(self, t: TensorSpec, value: Any, sizes: dict[str, tuple[int, str]]) -> None:
+        dtype = _dtype_name(value)
+        if dtype != t.dtype:
+            raise InvalidInputError(f"{self.name} input {t.name!r} has dtype {dtype}, expected {t.dtype}")
+        shape = tuple(value.shape)
+        if len(shape) != len(t.shape):
+            raise InvalidInputError(
+                f"{self.name} input {t.name!r} has shape {shape}, expected {len(t.shape)} axes {_fmt(t.shape)}"
+            )
+        for axis, (dim, size) in enumerate(zip(t.shape, shape)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise InvalidInputError(
+                        f"{self.name} input {t.name!r} has size {size} at axis {axis}, expected {dim} (shape {_fmt(t.shape)})"
+                    )
+                continue
+            if dim in sizes and sizes[dim][0] != size:
+                seen, where = sizes[dim]
+                raise InvalidInputError(
+                    f"{self.name} input {t.name!r} has {dim}={size} at axis {axis}, but {where} has {dim}={seen}; "
+                    f"they must agree (shape {_fmt(t.shape)})"
+                )
+            sizes[dim] = (size, repr(t.name))
+            self._check_range(t, dim, size)
+
+    def _check_range(self, t: TensorSpec, dim: str, size: int) -> None:
+        r = self.dims[dim]
+        if not r.min <= size <= r.max:
+            raise InvalidInputError(
+                f"{self.name} input {t.name!r} has {dim}={size}, outside the exported profile [{r.min}, {r.max}]; "
+                f"use a size in range or export again with a profile that covers it"
+            )
+        multiple = self.multiple_of.get(dim, 1)
+        if size % multiple:
+            raise InvalidInputError(
+                f"{self.name} input {t.name!r} has {dim}={size}, which is not a multiple of {multiple} (the UNet's "
+                f"downsampling factor); use {size - size % multiple or multiple} or {size - size % multiple + multiple}"
+            )
+
+    def _check_values(self, t: TensorSpec, value: Any, sizes: dict[str, int]) -> None:
+        if t.value_range is None and t.index_of is None:
+            return
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        if array.size == 0:
+            return
+        low, high = (0, sizes[t.index_of] - 1) if t.index_of else t.value_range
+        seen_low, seen_high = array.min(), array.max()
+        if not (low <= seen_low and seen_high <= high) or np.isnan(array).any():
+            raise InvalidInputError(
+                f"{self.name} input {t.name!r} has values in [{seen_low}, {seen_high}], expected values in [{low}, {high}]"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [_tensor_json(t) for t in self.inputs],
+            "outputs": [_tensor_json(t) for t in self.outputs],
+            "dims": {k: [r.min, r.opt, r.max] for k, r in self.dims.items()},
+            "multiple_of": self.multiple_of,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ComponentSpec":
+        return cls(
+            name=data["name"],
+            inputs=tuple(_tensor_from_json(t) for t in data["inputs"]),
+            outputs=tuple(_tensor_from_json(t) for t in data["outputs"]),
+            dims={k: Range(*v) for k, v in data["dims"].items()},
+            multiple_of=dict(data.get("multiple_of", {})),
+        )
+
+
+def _tensor_json(t: TensorSpec) -> dict[str, Any]:
+    out = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "doc": t.doc}
+    if t.value_range is not None:
+        out["value_range"] = list(t.value_range)
+    if t.index_of is not None:
+        out["index_of"] = t.index_of
+    return out
+
+
+def _tensor_from_json(d: dict[str, Any]) -> TensorSpec:
+    value_range = tuple(d["value_range"]) if "value_range" in d else None
+    return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d.get("doc", ""), value_range, d.get("index_of"))
+
+
+def _dtype_name(value: Any) -> str:
+    dtype = value.dtype
+    return str(dtype).removeprefix("torch.") if "torch" in str(type(dtype)) else np.dtype(dtype).name
+
+
+def _fmt(shape: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def unet_spec(preset: Preset, features: frozenset[str], dtype: str, num_blocks: int, config: dict | None = None) -> ComponentSpec:
+    """The spec of a conditioned UNet of `preset` carrying `features`, with floats in `dtype`."""
+    unknown = features - set(FEATURES)
+    if unknown:
+        raise InvalidInputError(f"unknown features {sorted(unknown)}")
+    config = config or preset.unet
+    p, ctx, channels = preset.profile, config["cross_attention_dim"], config["in_channels"]
+    unit = (0.0, 1.0)
+    latent = ("height", "width")
+    inputs = [
+        TensorSpec("sample", dtype, ("batch", channels, *latent), "noisy latents"),
+        TensorSpec("timestep", dtype, ("batch",), "diffusion timestep per row"),
+        TensorSpec("encoder_hidden_states", dtype, ("batch", "context", ctx), "text (and fused image) tokens"),
+    ]
+    if preset.is_sdxl:
+        inputs += [
+            TensorSpec("text_embeds", dtype, ("batch", 1280), "pooled text embedding (SDXL)"),
+            TensorSpec("time_ids", dtype, ("batch", 6), "original size, crop, target size (SDXL)"),
+        ]
+    f = features
+    if "key_mask" in f:
+        inputs.append(TensorSpec("key_mask", dtype, ("batch", "context"), "1 = context token may be attended", unit))
+    if "extra_tokens" in f:
+        inputs += [
+            TensorSpec("extra_tokens", dtype, ("batch", "extra", ctx), "extra token set (values; keys too without kv_source)"),
+            TensorSpec("extra_gate", dtype, ("batch", 1, *latent), "per-query gate of the extra tokens' output", unit),
+        ]
+    if "kv_source" in f:
+        inputs.append(TensorSpec("extra_key_tokens", dtype, ("batch", "extra", ctx), "key source of the extra tokens"))
+    if "regions" in f:
+        inputs += [
+            TensorSpec("region_masks", dtype, ("batch", "regions", *latent), "1 = query inside region", unit),
+            TensorSpec("token_regions", dtype, ("batch", "regions", "extra"), "1 = extra token belongs to region", unit),
+        ]
+    if "mutual" in f:
+        inputs += [
+            TensorSpec("kv_index", "int64", ("groups", "batch"), "batch row each group reads K/V from", index_of="batch"),
+            TensorSpec("q_index", "int64", ("batch",), "batch row whose queries the mutual groups use", index_of="batch"),
+            TensorSpec("self_key_masks", dtype, ("groups", "batch", *latent), "1 = key allowed in group", unit),
+            TensorSpec("self_out_gates", dtype, ("groups", "batch", *latent), "per-query weight of each group", unit),
+        ]
+    if any(g in f for g in GATED):
+        inputs.append(
+            TensorSpec("layer_gates", dtype, (num_blocks, len(GATED)), f"per transformer block: {', '.join(GATED)} scale")
+        )
+    used = {d for t in inputs for d in t.shape if isinstance(d, str)}
+    ranges = {
+        "batch": p.batch, "height": p.latent, "width": p.latent, "context": p.context,
+        "extra": p.extra_tokens, "regions": p.regions, "groups": p.groups,
+    }  # fmt: skip
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    return ComponentSpec(
+        name="unet",
+        inputs=tuple(inputs),
+        outputs=(TensorSpec("noise_pred", dtype, ("batch", config["out_channels"], *latent), preset.prediction_type),),
+        dims={k: v for k, v in ranges.items() if k in used},
+        multiple_of={"height": factor, "width": factor},
+    )

@@ -1,0 +1,1 @@
+"""PyTorch side: presets, conditioning features, attention processors, the conditioned UNet, weights."""

@@ -1,0 +1,128 @@
+"""The conditioned UNet: a diffusers UNet whose forward takes only named tensors (the export contract).
+
+Which conditioning features it carries is fixed at construction; their tensors are the optional
+keyword inputs of `forward`. With no features it is the stock UNet with the stock processors.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from vgrt.models.conditioning import Conditioning
+from vgrt.models.features import GATED
+from vgrt.models.presets import Preset, get_preset
+from vgrt.models.processors import CrossAttentionProcessor, SelfAttentionProcessor
+from vgrt.models.weights import apply_state_dict, find_component_weights, load_state_dict
+
+# Adapter weights are drawn from a generator of their own so that adding a feature never changes
+# the UNet's own random weights.
+_ADAPTER_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class UNetSource:
+    """Where a UNet's weights come from: a preset with seeded random weights, or a local weights path."""
+
+    preset: str
+    seed: int = 0
+    weights: str | None = None
+    allow_pickle: bool = False
+
+
+def transformer_blocks(unet: UNet2DConditionModel) -> list[str]:
+    """Module paths of the UNet's transformer blocks, in forward order; row i of `layer_gates` is block i."""
+    names = [name.rsplit(".attn", 1)[0] for name in unet.attn_processors if name.endswith("attn1.processor")]
+    return list(dict.fromkeys(names))
+
+
+def downsampling_factor(module_path: str, levels: int) -> int:
+    """How many times coarser than the latent the attention at `module_path` works."""
+    if module_path.startswith("mid_block"):
+        return 2 ** (levels - 1)
+    index = int(re.match(r"(down|up)_blocks\.(\d+)", module_path).group(2))
+    return 2 ** (index if module_path.startswith("down") else levels - 1 - index)
+
+
+def build_processors(unet: UNet2DConditionModel, features: frozenset[str], seed: int) -> dict[str, nn.Module]:
+    levels = len(unet.config.block_out_channels)
+    block_of = {name: i for i, name in enumerate(transformer_blocks(unet))}
+    processors: dict[str, nn.Module] = {}
+    torch.manual_seed(seed + _ADAPTER_SEED_OFFSET)
+    for name in unet.attn_processors:
+        module_path = name.removesuffix(".processor")
+        block, kind = module_path.rsplit(".", 1)
+        factor = downsampling_factor(module_path, levels)
+        if kind == "attn1":
+            processors[name] = SelfAttentionProcessor(features, block_of[block], factor)
+        else:
+            attn = unet.get_submodule(module_path)
+            processors[name] = CrossAttentionProcessor(
+                features, block_of[block], factor, unet.config.cross_attention_dim, attn.to_k.out_features
+            )
+    return processors
+
+
+class ConditionedUNet(nn.Module):
+    """UNet + conditioning processors; `forward` is the graph that export traces."""
+
+    def __init__(self, unet: UNet2DConditionModel, preset: Preset, features: frozenset[str], seed: int = 0):
+        super().__init__()
+        self.unet, self.preset, self.features = unet, preset, features
+        self.num_blocks = len(transformer_blocks(unet))
+        if features:
+            unet.set_attn_processor(build_processors(unet, features, seed))
+
+    @property
+    def uses_layer_gates(self) -> bool:
+        return any(f in self.features for f in GATED)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        extra_tokens: torch.Tensor | None = None,
+        extra_key_tokens: torch.Tensor | None = None,
+        extra_gate: torch.Tensor | None = None,
+        region_masks: torch.Tensor | None = None,
+        token_regions: torch.Tensor | None = None,
+        kv_index: torch.Tensor | None = None,
+        q_index: torch.Tensor | None = None,
+        self_key_masks: torch.Tensor | None = None,
+        self_out_gates: torch.Tensor | None = None,
+        layer_gates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.preset.is_sdxl else None
+        kwargs = None
+        if self.features:
+            conditioning = Conditioning(
+                key_mask, extra_tokens, extra_key_tokens, extra_gate, region_masks, token_regions,
+                kv_index, q_index, self_key_masks, self_out_gates, layer_gates,
+            )  # fmt: skip
+            kwargs = {"conditioning": conditioning}
+        return self.unet(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=added, cross_attention_kwargs=kwargs, return_dict=False
+        )[0]
+
+
+def build_unet(source: UNetSource, features: frozenset[str]) -> ConditionedUNet:
+    """The conditioned UNet of `source`, in eval mode, fp32, on the CPU."""
+    preset = get_preset(source.preset)
+    config = dict(preset.unet)
+    weights_file = None
+    if source.weights:
+        weights_file, folder_config = find_component_weights(Path(source.weights), "unet")
+        if folder_config:
+            config = {k: v for k, v in folder_config.items() if not k.startswith("_")}
+    torch.manual_seed(source.seed)
+    unet = UNet2DConditionModel(**config)
+    if weights_file is not None:
+        apply_state_dict(unet, load_state_dict(weights_file, source.allow_pickle), weights_file)
+    return ConditionedUNet(unet, preset, features, source.seed).eval()
