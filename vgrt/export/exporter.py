@@ -143,7 +143,12 @@ def export(out: str | Path, settings: ExportSettings = ExportSettings()) -> Path
             staging,
             {
                 "preset": settings.preset,
-                "source": {"seed": settings.seed, "weights": settings.weights, "weights_sha256": weights_sha256},
+                "source": {
+                    "seed": settings.seed,
+                    "weights": settings.weights,
+                    "allow_pickle": settings.allow_pickle,
+                    "weights_sha256": weights_sha256,
+                },
                 "settings": {"opset": settings.opset, "dtype": settings.dtype, "attention_form": settings.attention_form},
                 "components": {
                     "unet": {

@@ -1,0 +1,40 @@
+"""Export a preset's conditioned UNet to an ONNX directory with a manifest."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vgrt.models.features import FEATURES
+
+    parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny)")
+    parser.add_argument(
+        "--features", default="none", help=f"comma-separated features, 'all' or 'none'; known: {', '.join(FEATURES)}"
+    )
+    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 18 (default: 23)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument(
+        "--attention", default="custom", dest="attention_form", choices=("custom", "attention", "decomposed"),
+        help="form of masked attention: vgrt::MaskedAttention node (default), ONNX Attention op, or MatMul/Softmax",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--weights", help="local diffusers folder or .safetensors file with real weights")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pickled checkpoints (they can run code)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vgrt.export.exporter import ExportSettings, export
+    from vgrt.export.manifest import read_manifest
+
+    settings = ExportSettings(
+        preset=args.preset, features=args.features, opset=args.opset, dtype=args.dtype,
+        attention_form=args.attention_form, seed=args.seed, weights=args.weights, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    settings.validate()
+    out = export(args.out, settings)
+    unet = read_manifest(out).component("unet")
+    print(f"wrote {out}/manifest.json and {unet.file}")
+    print(f"  inputs: {', '.join(t.name for t in unet.spec.inputs)}")
+    if unet.fp32_ops:
+        print(f"  kept in fp32: {', '.join(unet.fp32_ops)}")
+    return 0
