@@ -36,7 +36,15 @@ class UNetSource:
 def transformer_blocks(unet: UNet2DConditionModel) -> list[str]:
     """Module paths of the UNet's transformer blocks, in forward order; row i of `layer_gates` is block i."""
     names = [name.rsplit(".attn", 1)[0] for name in unet.attn_processors if name.endswith("attn1.processor")]
-    return list(dict.fromkeys(names))
+    return sorted(dict.fromkeys(names), key=_forward_position)
+
+
+def _forward_position(module_path: str) -> tuple[int, int]:
+    # Stable sort key: down blocks, then the mid block, then up blocks (module registration order differs).
+    if module_path.startswith("mid_block"):
+        return 1, 0
+    stage, index = re.match(r"(down|up)_blocks\.(\d+)", module_path).groups()
+    return (0 if stage == "down" else 2), int(index)
 
 
 def downsampling_factor(module_path: str, levels: int) -> int:

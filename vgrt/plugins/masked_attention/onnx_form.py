@@ -67,7 +67,13 @@ def _attention_op_nodes() -> list[onnx.NodeProto]:
         *_const("floor", _FP16_LOWEST, like="q"),
         *_const("zero", 0.0, like="q"),
         helper.make_node("Max", ["bias", "floor"], ["finite_bias"]),
-        helper.make_node("Attention", ["q", "k", "v", "finite_bias"], ["attended"], scale=1.0),
+        # ONNX Runtime's Attention wants the mask's query axis at full length (no broadcast there).
+        helper.make_node("Shape", ["bias"], ["bias_lead"], end=-2),
+        helper.make_node("Shape", ["q"], ["query_len"], start=2, end=3),
+        helper.make_node("Shape", ["bias"], ["key_len"], start=-1),
+        helper.make_node("Concat", ["bias_lead", "query_len", "key_len"], ["mask_shape"], axis=0),
+        helper.make_node("Expand", ["finite_bias", "mask_shape"], ["mask"]),
+        helper.make_node("Attention", ["q", "k", "v", "mask"], ["attended"], scale=1.0),
         helper.make_node("Where", ["row_has_key", "attended", "zero"], ["out"]),
     ]
 

@@ -1,0 +1,73 @@
+"""Bad `vgrt bench` arguments fail before any work, with a message that lists what is available."""
+
+import pytest
+
+from vgrt.bench import backends
+from vgrt.cli import main
+
+
+def bench_error(capsys: pytest.CaptureFixture, tmp_path, *args: str) -> str:
+    out = tmp_path / "results"
+    assert main(["bench", *args, "--out", str(out)]) == 2
+    assert not out.exists(), "nothing may run before the arguments are checked"
+    return capsys.readouterr().err
+
+
+def test_unknown_suite_lists_the_suites_and_why_compose_cannot_run(capsys, tmp_path):
+    err = bench_error(capsys, tmp_path, "speed")
+    assert "unknown bench suite 'speed'" in err
+    assert "unet (" in err and "attention (" in err and "export (" in err
+    assert "compose (unavailable: it needs the runtime" in err
+
+
+def test_compose_is_listed_as_unavailable(capsys, tmp_path):
+    err = bench_error(capsys, tmp_path, "compose")
+    assert "the compose suite cannot run: it needs the runtime" in err
+    assert "runnable suites: unet, attention, export" in err
+
+
+def test_unknown_backend_lists_the_suites_backends(capsys, tmp_path):
+    err = bench_error(capsys, tmp_path, "unet", "--quick", "--backends", "torch,openvino")
+    assert "unknown backend(s) 'openvino' for the unet suite" in err
+    assert "it times: torch, onnxruntime, onnxruntime-cuda, tensorrt" in err
+    assert "available here: torch" in err
+
+
+def test_backend_not_installed_says_why_and_what_is_available(capsys, tmp_path, monkeypatch):
+    real = backends.unavailable_reason
+    monkeypatch.setattr(
+        backends, "unavailable_reason", lambda b: "onnxruntime: not installed" if b == "onnxruntime" else real(b)
+    )
+    err = bench_error(capsys, tmp_path, "attention", "--quick", "--backends", "onnxruntime")
+    assert "backend 'onnxruntime' cannot run here: onnxruntime: not installed" in err
+    assert "available here: torch" in err
+
+
+def test_triton_needs_a_gpu(capsys, tmp_path):
+    if backends.unavailable_reason("triton") is None:
+        pytest.skip("triton can run on this machine")
+    err = bench_error(capsys, tmp_path, "attention", "--quick", "--backends", "triton")
+    assert "backend 'triton' cannot run here" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("export", "--backends", "torch"), "the export suite does not take --backends"),
+        (("attention", "--features", "all"), "the attention suite does not take --features"),
+        (("unet", "--preset", "sd16"), "unknown preset 'sd16'; choose one of: tiny, sd15, sd21, sdxl"),
+        (("unet", "--features", "colour"), "unknown feature(s) 'colour'"),
+        (("unet", "--dtype", "int8"), "unknown dtype(s) 'int8'; choose from: fp32, fp16"),
+        (("unet", "--batch", "two"), "--batch takes comma-separated whole numbers"),
+        (("unet", "--latent", "60"), "--latent 60 does not fit sd15: latents are multiples of 8 in [32, 128]"),
+        (("unet", "--repeats", "0"), "--warmup and --repeats must be >= 1"),
+        (("unet", "--export-dir", "/nonexistent"), "is not a complete vgrt export"),
+    ],
+)
+def test_bad_options(capsys, tmp_path, args, message):
+    assert message in bench_error(capsys, tmp_path, *args)
+
+
+def test_export_dir_that_disagrees_with_the_options(capsys, tmp_path, tiny_export):
+    err = bench_error(capsys, tmp_path, "unet", "--export-dir", str(tiny_export()), "--preset", "sd15")
+    assert "--preset sd15 disagrees with --export-dir" in err and "which holds tiny" in err

@@ -1,0 +1,33 @@
+"""`vgrt bench unet --quick` on the tiny preset: samples and a ratio to PyTorch eager for every backend."""
+
+import pytest
+
+from tests.bench.helpers import results_by_backend, run_bench
+
+
+@pytest.fixture(scope="module")
+def unet_run(tiny_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-unet")
+    return run_bench("unet", "--quick", "--backends", "torch,onnxruntime", "--export-dir", str(tiny_export()), out=out)
+
+
+def test_every_backend_has_samples_and_a_ratio(unet_run):
+    run, _, _ = unet_run
+    (case,) = run["cases"]
+    assert case["params"] == {"preset": "tiny", "batch": 2, "latent": "16x16", "features": "none", "dtype": "fp32"}
+    by_backend = results_by_backend(run)
+    assert set(by_backend) == {"torch", "onnxruntime"}
+    for (result,) in by_backend.values():
+        assert len(result["samples_s"]) == run["settings"]["timing"]["repeats"]
+        assert all(s > 0 for s in result["samples_s"]) and result["ratio_to_torch"] > 0
+    assert by_backend["onnxruntime"][0]["max_abs_diff"] < 1e-4  # the same model ran on both
+
+
+def test_the_run_records_its_context(unet_run):
+    run, stdout, png = unet_run
+    assert run["machine"]["logical_cores"] >= 1 and run["machine"]["ram_bytes"] > 0
+    assert {"torch", "onnxruntime", "vgrt"} <= set(run["versions"])
+    assert run["memory"]["peak_rss_bytes"] > 0
+    assert run["details"]["exports"][0]["reused"]
+    assert png.stat().st_size > 0 and png.name.startswith("unet-tiny-")
+    assert "| preset | batch | latent | features | dtype | competitor | median | p90 | vs torch |" in stdout

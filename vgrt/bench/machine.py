@@ -1,0 +1,83 @@
+"""The context a timing is meaningless without: machine, library versions and peak memory."""
+
+import importlib.metadata
+import os
+import platform
+import resource
+import sys
+
+# Versions recorded with every run, where installed.
+_PACKAGES = (
+    "vgrt",
+    "torch",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnx",
+    "onnxscript",
+    "numpy",
+    "diffusers",
+    "triton",
+    "tensorrt",
+)
+
+
+def machine_info() -> dict[str, object]:
+    import torch
+
+    info: dict[str, object] = {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        # Other processes' load skews timings (an OpenMP barrier waits for a busy core): keep it on record.
+        "load_average_at_start": os.getloadavg(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {
+            "name": props.name,
+            "memory_bytes": props.total_memory,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+        }
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def memory_peaks() -> dict[str, int]:
+    """Peak host memory of this process and, where CUDA was used, peak GPU memory PyTorch allocated."""
+    import torch
+
+    peaks = {"peak_rss_bytes": peak_rss_bytes()}
+    if torch.cuda.is_initialized():
+        peaks["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return peaks

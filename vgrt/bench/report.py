@@ -1,0 +1,52 @@
+"""A finished run as files (JSON with every sample, PNG plot) and as a markdown table for the terminal."""
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from vgrt.bench.plot import plot_run
+from vgrt.bench.results import BenchRun
+
+
+def write_run(run: BenchRun, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `<suite>-<presets>-<UTC time>.json` and `.png` into `out_dir`; return both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.fromisoformat(run.created).strftime("%Y%m%dT%H%M%SZ")
+    stem = out_dir / f"{run.settings.suite}-{run.output.label}-{stamp}"
+    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+    json_path.write_text(json.dumps(run.to_json(), indent=1) + "\n")
+    plot_run(run, png_path)
+    return json_path, png_path
+
+
+def markdown_table(run: BenchRun) -> str:
+    """One row per case and competitor: the case's parameters, median, p90, ratio to PyTorch eager."""
+    cases = run.output.cases
+    params = list(dict.fromkeys(key for case in cases for key in case.params))
+    header = [*params, "competitor", "median", "p90", "vs torch", "max |diff|"]
+    with_memory = any(m.peak_rss_bytes for case in cases for m in case.measurements)
+    header += ["peak RSS"] if with_memory else []
+    rows = []
+    for case in cases:
+        for m in case.measurements:
+            ratio = case.ratio(m)
+            rows.append([
+                *(str(case.params.get(key, "")) for key in params),
+                m.competitor,
+                format_seconds(m.median_s),
+                format_seconds(m.p90_s),
+                "-" if ratio is None else f"{ratio:.2f}x",
+                "-" if m.max_abs_diff is None else f"{m.max_abs_diff:.1e}",
+                *([f"{max(m.peak_rss_bytes) / 2**30:.2f} GiB"] if with_memory else []),
+            ])  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} us"

@@ -1,0 +1,110 @@
+"""What a benchmark run produced: every sample per competitor and case, the summary statistics, and the
+JSON form that is checked in under bench/results/."""
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from vgrt.bench.settings import BenchSettings
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The timed calls of one competitor in one case.
+
+    max_abs_diff: largest |output - baseline output| on the same inputs, proof that the competitors
+        computed the same thing (None for the baseline itself, or where there is no output).
+    peak_rss_bytes: per sample, where each sample ran in a process of its own (the export suite).
+    """
+
+    competitor: str
+    backend: str
+    samples_s: tuple[float, ...]
+    max_abs_diff: float | None = None
+    peak_rss_bytes: tuple[int, ...] = ()
+
+    @property
+    def median_s(self) -> float:
+        return float(np.median(self.samples_s))
+
+    @property
+    def p90_s(self) -> float:
+        return float(np.percentile(self.samples_s, 90))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration (sizes, features, precision) with every competitor timed in the same run.
+
+    group and label place the case in the plot: one panel per group, one tick per label.
+    """
+
+    group: str
+    label: str
+    params: dict[str, Any]
+    measurements: tuple[Measurement, ...]
+    baseline: str | None = "torch"
+
+    def ratio(self, measurement: Measurement) -> float | None:
+        """Median time over the baseline's median time (< 1: faster than PyTorch eager)."""
+        base = next((m for m in self.measurements if m.competitor == self.baseline), None)
+        return None if base is None else measurement.median_s / base.median_s
+
+    def to_json(self) -> dict[str, Any]:
+        results = []
+        for m in self.measurements:
+            entry = {
+                "competitor": m.competitor,
+                "backend": m.backend,
+                "median_s": m.median_s,
+                "p90_s": m.p90_s,
+                "ratio_to_torch": self.ratio(m),
+                "max_abs_diff": m.max_abs_diff,
+                "samples_s": list(m.samples_s),
+            }
+            if m.peak_rss_bytes:
+                entry["peak_rss_bytes"] = list(m.peak_rss_bytes)
+            results.append(entry)
+        return {
+            "group": self.group,
+            "label": self.label,
+            "params": self.params,
+            "baseline": self.baseline,
+            "results": results,
+        }
+
+
+@dataclass(frozen=True)
+class SuiteOutput:
+    """What a suite returns. label names what was measured (presets) in file names; details keeps
+    suite-specific facts worth reading later (device, runner settings, exports made)."""
+
+    label: str
+    cases: tuple[Case, ...]
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """A finished run with its context: the machine, library versions and the process's peak memory."""
+
+    settings: BenchSettings
+    output: SuiteOutput
+    machine: dict[str, Any]
+    versions: dict[str, str]
+    memory: dict[str, int]
+    created: str  # UTC, ISO 8601
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "suite": self.settings.suite,
+            "label": self.output.label,
+            "created": self.created,
+            "machine": self.machine,
+            "versions": self.versions,
+            "settings": asdict(self.settings),
+            "details": self.output.details,
+            "memory": self.memory,
+            "cases": [c.to_json() for c in self.output.cases],
+        }

@@ -1,0 +1,150 @@
+"""Settings of one `vgrt bench` run: defaults for full and --quick runs, all checked before any work."""
+
+from dataclasses import dataclass, field
+
+from vgrt.bench.backends import select_backends
+from vgrt.bench.suites import get_suite
+from vgrt.errors import InvalidInputError
+from vgrt.models.features import features_text, parse_features
+from vgrt.models.presets import get_preset
+
+DTYPES = ("fp32", "fp16")
+# Option names as the CLI spells them, for messages about options a suite does not take.
+_FLAGS = {
+    "presets": "--preset", "batches": "--batch", "latents": "--latent", "features": "--features",
+    "dtypes": "--dtype", "backends": "--backends", "export_dir": "--export-dir",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """warmup: untimed calls per competitor first (allocations, caches, lazy init are not what we time).
+    repeats: timed calls per competitor, interleaved with the other competitors' calls."""
+
+    warmup: int = 1
+    repeats: int = 5
+
+
+QUICK_TIMING = TimingSettings(warmup=1, repeats=2)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one `vgrt bench` run measures. Empty batches/latents mean each preset's profile 'opt' size."""
+
+    suite: str
+    backends: tuple[str, ...] = ()
+    presets: tuple[str, ...] = ("sd15",)
+    batches: tuple[int, ...] = ()
+    latents: tuple[int, ...] = ()
+    features: tuple[str, ...] = ("none",)
+    dtypes: tuple[str, ...] = ("fp32",)
+    timing: TimingSettings = field(default_factory=TimingSettings)
+    threads: int = 0  # 0: PyTorch's default thread count; ONNX Runtime gets the same number
+    quick: bool = False
+    export_dir: str | None = None
+
+
+def make_settings(
+    suite: str,
+    *,
+    backends: tuple[str, ...] | None = None,
+    presets: tuple[str, ...] | None = None,
+    batches: tuple[int, ...] | None = None,
+    latents: tuple[int, ...] | None = None,
+    features: tuple[str, ...] | None = None,
+    dtypes: tuple[str, ...] | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    threads: int = 0,
+    quick: bool = False,
+    export_dir: str | None = None,
+) -> BenchSettings:
+    """Checked settings; None means "not given": the suite's default (smaller with `quick`)."""
+    spec = get_suite(suite)
+    given = {
+        "backends": backends, "presets": presets, "batches": batches, "latents": latents,
+        "features": features, "dtypes": dtypes, "export_dir": export_dir,
+    }  # fmt: skip
+    refused = [_FLAGS[name] for name, value in given.items() if value is not None and name not in spec.options]
+    if refused:
+        taken = ", ".join(_FLAGS[o] for o in _FLAGS if o in spec.options) or "none"
+        raise InvalidInputError(f"the {suite} suite does not take {', '.join(refused)}; it takes: {taken}")
+    default = QUICK_TIMING if quick else TimingSettings()
+    if quick and suite == "export":
+        default = TimingSettings(repeats=1)  # one sample is a whole export in a fresh process (~30 s on tiny)
+    timing = TimingSettings(
+        default.warmup if warmup is None else warmup, default.repeats if repeats is None else repeats
+    )
+    if timing.warmup < 1 or timing.repeats < 1:
+        raise InvalidInputError(f"--warmup and --repeats must be >= 1, got {timing.warmup} and {timing.repeats}")
+    if threads < 0:
+        raise InvalidInputError(f"--threads must be >= 0 (0: PyTorch's default), got {threads}")
+    if features is not None:
+        features = tuple(features_text(parse_features(f)) for f in features)
+    if export_dir is not None:
+        presets, features, dtypes = _from_export(export_dir, presets, features, dtypes)
+    settings = BenchSettings(
+        suite=suite,
+        backends=select_backends(spec, backends),
+        presets=presets or _default_presets(suite, quick),
+        batches=batches or (),
+        latents=latents or (),
+        features=features or ("none",),
+        dtypes=dtypes or ("fp32",),
+        timing=timing,
+        threads=threads,
+        quick=quick,
+        export_dir=export_dir,
+    )
+    _check_models(settings)
+    return settings
+
+
+def _default_presets(suite: str, quick: bool) -> tuple[str, ...]:
+    if quick:
+        return ("tiny",)
+    return ("sd15", "sdxl") if suite == "attention" else ("sd15",)
+
+
+def _check_models(settings: BenchSettings) -> None:
+    unknown = [d for d in settings.dtypes if d not in DTYPES]
+    if unknown:
+        raise InvalidInputError(f"unknown dtype(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(DTYPES)}")
+    for name in settings.presets:
+        preset = get_preset(name)
+        for batch in settings.batches:
+            r = preset.profile.batch
+            if not r.min <= batch <= r.max:
+                raise InvalidInputError(f"--batch {batch} is outside the {name} profile [{r.min}, {r.max}]")
+        for latent in settings.latents:
+            r, factor = preset.profile.latent, preset.latent_factor
+            if not r.min <= latent <= r.max or latent % factor:
+                raise InvalidInputError(
+                    f"--latent {latent} does not fit {name}: latents are multiples of {factor} in [{r.min}, {r.max}]"
+                )
+
+
+Names = tuple[str, ...]
+
+
+def _from_export(
+    directory: str, presets: Names | None, features: Names | None, dtypes: Names | None
+) -> tuple[Names, Names, Names]:
+    """Preset, features and dtype of an existing export; given values must agree with it."""
+    from vgrt.export.manifest import read_manifest
+
+    manifest = read_manifest(directory)
+    found = {
+        "--preset": (manifest.data["preset"],),
+        "--features": (features_text(frozenset(manifest.component("unet").features)),),
+        "--dtype": (manifest.data["settings"]["dtype"],),
+    }
+    asked = {"--preset": presets, "--features": features, "--dtype": dtypes}
+    for flag, value in asked.items():
+        if value is not None and tuple(value) != found[flag]:
+            raise InvalidInputError(
+                f"{flag} {','.join(value)} disagrees with --export-dir {directory!r}, which holds {found[flag][0]}; "
+                f"drop {flag} or export again"
+            )
+    return found["--preset"], found["--features"], found["--dtype"]

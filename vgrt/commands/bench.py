@@ -1,0 +1,76 @@
+"""Time the UNet, the masked-attention op or the export on every backend; write JSON and PNG, print a table."""
+
+import argparse
+
+DEFAULT_OUT = "bench/results"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vgrt.bench.suites import describe_suites
+
+    parser.add_argument("suite", help=f"what to time: {describe_suites()}")
+    parser.add_argument(
+        "--preset", help="comma-separated presets (default: sd15, sd15,sdxl for attention; tiny with --quick)"
+    )
+    parser.add_argument(
+        "--backends",
+        help="comma-separated backends (default: every one available here); torch, the baseline, is always timed",
+    )
+    parser.add_argument("--batch", help="comma-separated batch sizes (default: the preset's profile opt)")
+    parser.add_argument("--latent", help="comma-separated latent sizes, square (default: the preset's profile opt)")
+    parser.add_argument(
+        "--features",
+        action="append",
+        help="feature set, as for `vgrt export --features`; repeat for several (default: none)",
+    )
+    parser.add_argument("--dtype", help="comma-separated precisions: fp32, fp16 (default: fp32)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per competitor first (default: 1)")
+    parser.add_argument("--repeats", type=int, help="timed calls per competitor (default: 5, 2 with --quick)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads of every backend (default: PyTorch's default)"
+    )
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny preset, fewer sizes and repeats")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON and PNG (default: {DEFAULT_OUT})")
+    parser.add_argument("--export-dir", help="unet suite: time this existing export instead of exporting first")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vgrt.bench.report import markdown_table, write_run
+    from vgrt.bench.run import run_bench
+    from vgrt.bench.settings import make_settings
+
+    settings = make_settings(
+        args.suite,
+        backends=_names(args.backends),
+        presets=_names(args.preset),
+        batches=_sizes(args.batch, "--batch"),
+        latents=_sizes(args.latent, "--latent"),
+        features=None if args.features is None else tuple(args.features),
+        dtypes=_names(args.dtype),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        quick=args.quick,
+        export_dir=args.export_dir,
+    )
+    result = run_bench(settings)
+    json_path, png_path = write_run(result, args.out)
+    print(markdown_table(result))
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _sizes(text: str | None, flag: str) -> tuple[int, ...] | None:
+    from vgrt.errors import InvalidInputError
+
+    names = _names(text)
+    if names is None:
+        return None
+    try:
+        return tuple(int(n) for n in names)
+    except ValueError:
+        raise InvalidInputError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
