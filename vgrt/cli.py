@@ -14,6 +14,7 @@ from vgrt.errors import VgrtError
 # name -> module in vgrt.commands with `add_arguments(parser)`, `run(args) -> int` and a docstring.
 SUBCOMMANDS = {
     "export": "vgrt.commands.export",
+    "build": "vgrt.commands.build",
     "bench": "vgrt.commands.bench",
     "compare": "vgrt.commands.compare",
     "doctor": "vgrt.commands.doctor",

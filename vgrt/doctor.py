@@ -61,11 +61,32 @@ def _tensorrt() -> tuple[bool, str]:
     return True, tensorrt.__version__
 
 
+def _polygraphy() -> tuple[bool, str]:
+    ok, version = _version("polygraphy")
+    return (True, f"{version} (builds TensorRT engines)") if ok else (False, "not installed: pip install 'vgrt[trt]'")
+
+
 def _plugin() -> tuple[bool, str]:
     ok, detail = _tensorrt()
     if not ok:
         return False, f"needs TensorRT ({detail})"
-    return False, "TensorRT is present but vgrt's MaskedAttention plugin is not implemented in this version"
+    ok, detail = _triton()
+    if not ok:
+        return False, f"needs Triton for its kernels ({detail})"
+    from vgrt.plugins.masked_attention.trt_plugin import MASKED_ATTENTION, register_plugin
+
+    plugin = register_plugin()
+    return True, f"{plugin} v{MASKED_ATTENTION.version} registers (JIT and AOT implementations; AOT PTX by Triton {detail})"
+
+
+def _onnxruntime_tensorrt() -> tuple[bool, str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False, "onnxruntime is not installed"
+    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+        return False, "TensorRT provider not in this build: pip install 'vgrt[trt]' (onnxruntime-gpu with TensorRT libraries)"
+    return True, "TensorRT provider in this build (sessions are checked for a silent fallback)"
 
 
 CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
@@ -74,8 +95,10 @@ CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
     "gpu": _gpu,
     "onnxruntime": _onnxruntime,
     "onnxruntime-cuda": _onnxruntime_cuda,
+    "onnxruntime-tensorrt": _onnxruntime_tensorrt,
     "triton": _triton,
     "tensorrt": _tensorrt,
+    "polygraphy": _polygraphy,
     "masked-attention plugin": _plugin,
 }
 

@@ -9,6 +9,8 @@ from vgrt.errors import ArtifactError, InvalidInputError, WeightsError
 from vgrt.export import exporter
 from vgrt.export.exporter import ExportSettings, export
 from vgrt.export.manifest import read_manifest
+from vgrt.models.source import ModelSource
+from vgrt.models.unet import build_unet
 
 
 def test_manifest_describes_the_export(tiny_export):
@@ -17,7 +19,7 @@ def test_manifest_describes_the_export(tiny_export):
     unet = manifest.component("unet")
     assert manifest.data["preset"] == "tiny" and manifest.data["settings"]["opset"] == 23
     assert set(manifest.data["versions"]) >= {"vgrt", "torch", "onnx", "onnxruntime"}
-    assert len(manifest.data["source"]["weights_sha256"]) == 64
+    assert len(manifest.data["components"]["unet"]["model_sha256"]) == 64
     assert unet.spec.profile_shapes()["sample"] == ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 32, 32))
     assert manifest.data["components"]["unet"]["masked_attention_nodes"] > 0
     assert not [p for p in directory.parent.iterdir() if ".tmp-" in p.name]
@@ -55,43 +57,37 @@ def tiny_weights(tmp_path_factory):
     """A diffusers-layout folder holding the tiny UNet with seed 5 as safetensors."""
     from safetensors.torch import save_file
 
-    from vgrt.models.unet import UNetSource, build_unet
-
     folder = tmp_path_factory.mktemp("weights")
     (folder / "unet").mkdir()
-    unet = build_unet(UNetSource("tiny", seed=5), frozenset()).unet
+    unet = build_unet(ModelSource("tiny", seed=5), frozenset()).unet
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet" / "diffusion_pytorch_model.safetensors")
     unet.save_config(folder / "unet")
     return folder
 
 
 def test_real_weights_load_from_a_diffusers_folder(tiny_weights):
-    from vgrt.models.unet import UNetSource, build_unet
-
-    loaded = build_unet(UNetSource("tiny", seed=0, weights=str(tiny_weights)), frozenset()).unet.state_dict()
-    seeded = build_unet(UNetSource("tiny", seed=5), frozenset()).unet.state_dict()
+    loaded = build_unet(ModelSource("tiny", seed=0, weights=str(tiny_weights)), frozenset()).unet.state_dict()
+    seeded = build_unet(ModelSource("tiny", seed=5), frozenset()).unet.state_dict()
     assert all(torch.equal(loaded[k], seeded[k]) for k in seeded)
 
 
 def test_missing_corrupt_and_pickled_weights_are_refused(tmp_path, tiny_weights):
-    from vgrt.models.unet import UNetSource, build_unet
-
     with pytest.raises(WeightsError, match="no unet weights under"):
-        build_unet(UNetSource("tiny", weights=str(tmp_path)), frozenset())
+        build_unet(ModelSource("tiny", weights=str(tmp_path)), frozenset())
     corrupt = tmp_path / "unet.safetensors"
     corrupt.write_bytes((tiny_weights / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:1000])
     with pytest.raises(WeightsError, match="corrupt or truncated"):
-        build_unet(UNetSource("tiny", weights=str(corrupt)), frozenset())
+        build_unet(ModelSource("tiny", weights=str(corrupt)), frozenset())
     pickled = tmp_path / "unet.bin"
     torch.save({}, pickled)
     with pytest.raises(WeightsError, match="allow_pickle=True"):
-        build_unet(UNetSource("tiny", weights=str(pickled)), frozenset())
+        build_unet(ModelSource("tiny", weights=str(pickled)), frozenset())
     wrong = tmp_path / "wrong.safetensors"
     from safetensors.torch import save_file
 
     save_file({"conv_in.weight": torch.zeros(1)}, wrong)
     with pytest.raises(WeightsError, match="do not fit the model: missing"):
-        build_unet(UNetSource("tiny", weights=str(wrong)), frozenset())
+        build_unet(ModelSource("tiny", weights=str(wrong)), frozenset())
 
 
 def test_torch_backend_refuses_weights_that_changed_since_export(tmp_path, tiny_export):

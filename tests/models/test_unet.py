@@ -8,13 +8,14 @@ from vgrt.export.feeds import random_feed
 from vgrt.export.spec import unet_spec
 from vgrt.models.features import FEATURES, parse_features
 from vgrt.models.presets import get_preset
-from vgrt.models.unet import UNetSource, build_unet, downsampling_factor, transformer_blocks
+from vgrt.models.source import ModelSource
+from vgrt.models.unet import build_unet, downsampling_factor, transformer_blocks
 
 PLAIN_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
 
 def unet_and_feed(features: str, seed: int = 4):
-    module = build_unet(UNetSource("tiny"), parse_features(features))
+    module = build_unet(ModelSource("tiny"), parse_features(features))
     spec = unet_spec(get_preset("tiny"), module.features, "float32", module.num_blocks)
     return module, random_feed(spec, seed=seed)
 
@@ -76,8 +77,8 @@ def test_block_indexing_and_factors():
 
 
 def test_seeded_weights_are_reproducible_and_features_do_not_change_them():
-    a = build_unet(UNetSource("tiny", seed=7), frozenset()).unet.state_dict()
-    b = build_unet(UNetSource("tiny", seed=7), frozenset(FEATURES)).unet.state_dict()
+    a = build_unet(ModelSource("tiny", seed=7), frozenset()).unet.state_dict()
+    b = build_unet(ModelSource("tiny", seed=7), frozenset(FEATURES)).unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith(("_extra.weight",)))
 
 

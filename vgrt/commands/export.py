@@ -8,6 +8,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny)")
     parser.add_argument(
+        "--components", default="unet", help="comma-separated components or 'all' (unet, vae_encoder, vae_decoder, "
+        "text_encoder, text_encoder_2 for sdxl, image_encoder); default: unet",
+    )  # fmt: skip
+    parser.add_argument(
         "--features", default="none", help=f"comma-separated features, 'all' or 'none'; known: {', '.join(FEATURES)}"
     )
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
@@ -27,14 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from vgrt.export.manifest import read_manifest
 
     settings = ExportSettings(
-        preset=args.preset, features=args.features, opset=args.opset, dtype=args.dtype,
+        preset=args.preset, components=args.components, features=args.features, opset=args.opset, dtype=args.dtype,
         attention_form=args.attention_form, seed=args.seed, weights=args.weights, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     settings.validate()
     out = export(args.out, settings)
-    unet = read_manifest(out).component("unet")
-    print(f"wrote {out}/manifest.json and {unet.file}")
-    print(f"  inputs: {', '.join(t.name for t in unet.spec.inputs)}")
-    if unet.fp32_ops:
-        print(f"  kept in fp32: {', '.join(unet.fp32_ops)}")
+    print(f"wrote {out}/manifest.json")
+    for entry in read_manifest(out).components.values():
+        print(f"  {entry.file}: inputs {', '.join(t.name for t in entry.spec.inputs)}")
+        if entry.fp32_ops:
+            print(f"    kept in fp32: {', '.join(entry.fp32_ops)}")
     return 0

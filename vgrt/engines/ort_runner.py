@@ -1,4 +1,4 @@
-"""ONNX Runtime runner: CPU execution provider by default, CUDA when present and asked for.
+"""ONNX Runtime runner: CPU execution provider by default, CUDA or TensorRT when present and asked for.
 
 Inputs and outputs are bound by pointer through IOBinding, so a call copies nothing on the host;
 output buffers are allocated once per shape and reused.
@@ -11,11 +11,18 @@ import torch
 
 from vgrt._lazy import require
 from vgrt.engines.base import Runner
-from vgrt.errors import VgrtError
+from vgrt.errors import MissingDependencyError, VgrtError
 from vgrt.export.spec import ComponentSpec
 
 _NUMPY_OF = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+# provider setting -> execution providers in priority order (ONNX Runtime places what the first cannot run
+# on the next). The TensorRT provider caches its engines beside the model.
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
 
 
 @dataclass(frozen=True)
@@ -23,7 +30,8 @@ class OrtSettings:
     """ONNX Runtime session settings.
 
     Args:
-        provider: 'cpu' or 'cuda'. A CUDA session that silently fell back to the CPU is an error.
+        provider: 'cpu', 'cuda' or 'tensorrt'. A session whose requested provider did not load (ONNX
+            Runtime then silently falls back to the next) is an error.
         intra_op_threads: threads per op; 0 lets ONNX Runtime choose (all cores).
         optimization_level: 'disable', 'basic', 'extended' (default) or 'all'. On the CPU 'all' costs
             15-20 s of session creation on SD 1.5 for no measured gain.
@@ -45,8 +53,8 @@ class OrtRunner(Runner):
             raise VgrtError(
                 f"unknown optimization_level {settings.optimization_level!r}; choose one of: {', '.join(OPTIMIZATION_LEVELS)}"
             )
-        if settings.provider not in ("cpu", "cuda"):
-            raise VgrtError(f"unknown provider {settings.provider!r}; choose 'cpu' or 'cuda'")
+        if settings.provider not in PROVIDERS:
+            raise VgrtError(f"unknown provider {settings.provider!r}; choose one of: {', '.join(PROVIDERS)}")
         self.path, self.settings = Path(path), settings
         self.session = None
         self._outputs: dict[str, torch.Tensor] = {}
@@ -61,14 +69,24 @@ class OrtRunner(Runner):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.settings.optimization_level]
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.settings.provider == "cuda" else ["CPUExecutionProvider"]
+        providers = list(PROVIDERS[self.settings.provider])
+        if self.settings.provider == "tensorrt":
+            if providers[0] not in ort.get_available_providers():
+                raise MissingDependencyError(
+                    "this onnxruntime has no TensorRT execution provider; install onnxruntime-gpu and TensorRT "
+                    "with: pip install 'vgrt[trt]', or use provider='cuda'"
+                )
+            cache = str(self.path.parent / "ort-tensorrt")
+            providers[0] = (providers[0], {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_timing_cache_enable": True})
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        if self.settings.provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+        wanted = PROVIDERS[self.settings.provider][0]
+        if wanted not in self.session.get_providers():
             raise VgrtError(
-                "ONNX Runtime fell back to the CPU: the CUDA provider did not load (onnxruntime-gpu needs CUDA 13 and "
-                "cuDNN 9); install 'vgrt[gpu]' with matching CUDA libraries or use provider='cpu'"
+                f"ONNX Runtime fell back from {wanted}: it did not load (onnxruntime-gpu needs CUDA 13 and cuDNN 9, its "
+                "TensorRT provider also TensorRT's libraries); install 'vgrt[gpu]' or 'vgrt[trt]' with matching CUDA "
+                "libraries, or use provider='cpu'"
             )
-        self.device = "cuda" if self.settings.provider == "cuda" else "cpu"
+        self.device = "cpu" if self.settings.provider == "cpu" else "cuda"
 
     def deactivate_impl(self) -> None:
         self.session, self._outputs = None, {}
@@ -80,6 +98,9 @@ class OrtRunner(Runner):
         return buffer
 
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        if self.device == "cuda":
+            # ONNX Runtime reads bound device memory on its own stream: inputs written on torch's must be ready.
+            torch.cuda.current_stream().synchronize()
         binding = self.session.io_binding()
         kept = []  # keeps contiguous copies alive until the run ends
         for name, value in feed.items():

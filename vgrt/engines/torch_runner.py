@@ -25,4 +25,5 @@ class TorchRunner(Runner):
         inputs = {k: v.to(self.device) for k, v in feed.items()}
         with torch.inference_mode():
             out = self.module(**inputs)
-        return {self.spec.outputs[0].name: out}
+        outputs = (out,) if isinstance(out, torch.Tensor) else out
+        return {t.name: value for t, value in zip(self.spec.outputs, outputs)}

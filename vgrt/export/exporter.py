@@ -14,17 +14,19 @@ from pathlib import Path
 
 import onnx
 import torch
+from tqdm.auto import tqdm
 
 import vgrt
 from vgrt.errors import InvalidInputError
 from vgrt.export.attention_forms import ATTENTION_FORMS, apply_attention_form, count_custom_nodes
 from vgrt.export.fp16 import keep_ops_in_fp32
 from vgrt.export.manifest import atomic_directory, write_manifest
-from vgrt.export.spec import ComponentSpec, unet_spec
+from vgrt.export.components import build_component, parse_components
+from vgrt.export.spec import ComponentSpec
 from vgrt.models.features import features_text, parse_features
 from vgrt.models.presets import get_preset
-from vgrt.models.unet import ConditionedUNet, UNetSource, build_unet
-from vgrt.models.weights import state_dict_sha256
+from vgrt.models.source import ModelSource
+from vgrt.models.weights import model_sha256
 from vgrt.plugins.masked_attention.onnx_form import ATTENTION_OP_MIN_OPSET
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class ExportSettings:
 
     Args:
         preset: model family (tiny, sd15, sd21, sdxl).
+        components: comma-separated components (unet, vae_encoder, vae_decoder, text_encoder,
+            text_encoder_2, image_encoder) or 'all'.
         features: conditioning features: names, 'all' or 'none' (see vgrt.models.features).
         opset: ONNX opset; 23 gives the standard Attention op, >= 18 otherwise.
         dtype: 'fp32', or 'fp16' (weights and activations fp16, overflow spots fp32).
@@ -50,6 +54,7 @@ class ExportSettings:
     """
 
     preset: str = "tiny"
+    components: str = "unet"
     features: str = "none"
     opset: int = 23
     dtype: str = "fp32"
@@ -58,8 +63,10 @@ class ExportSettings:
     weights: str | None = None
     allow_pickle: bool = False
 
-    def validate(self) -> frozenset[str]:
-        get_preset(self.preset)
+    def validate(self) -> tuple[frozenset[str], tuple[str, ...]]:
+        """The parsed features and components; raises on any bad setting before work starts."""
+        preset = get_preset(self.preset)
+        components = parse_components(self.components, preset)
         if self.dtype not in DTYPES:
             raise InvalidInputError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.opset < MIN_OPSET:
@@ -75,7 +82,7 @@ class ExportSettings:
             )
         if self.weights and not Path(self.weights).exists():
             raise InvalidInputError(f"weights path {self.weights!r} does not exist")
-        return parse_features(self.features)
+        return parse_features(self.features), components
 
 
 def trace_sizes(spec: ComponentSpec) -> dict[str, int]:
@@ -104,7 +111,7 @@ def _dynamic_shapes(spec: ComponentSpec) -> dict[str, dict[int, object]]:
     return {t.name: {a: dims[d] for a, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}
 
 
-def trace_to_onnx(module: ConditionedUNet, spec: ComponentSpec, opset: int, torch_dtype: torch.dtype) -> onnx.ModelProto:
+def trace_to_onnx(module: torch.nn.Module, spec: ComponentSpec, opset: int) -> onnx.ModelProto:
     from vgrt.export.feeds import random_feed
 
     feed = random_feed(spec, trace_sizes(spec), seed=0)
@@ -123,56 +130,82 @@ def trace_to_onnx(module: ConditionedUNet, spec: ComponentSpec, opset: int, torc
 
 
 def export(out: str | Path, settings: ExportSettings = ExportSettings()) -> Path:
-    """Export the UNet of `settings` into directory `out`; return `out`."""
-    features = settings.validate()
+    """Export the components of `settings` into directory `out` (replaced atomically); return `out`."""
+    features, components = settings.validate()
     out = Path(out)
-    dtype_name, torch_dtype = DTYPES[settings.dtype]
-    preset = get_preset(settings.preset)
-    source = UNetSource(settings.preset, settings.seed, settings.weights, settings.allow_pickle)
+    source = ModelSource(settings.preset, settings.seed, settings.weights, settings.allow_pickle)
     started = time.perf_counter()
-    module = build_unet(source, features)
-    weights_sha256 = state_dict_sha256(module)
-    spec = unet_spec(preset, features, dtype_name, module.num_blocks, dict(module.unet.config))
-    model = trace_to_onnx(module.to(torch_dtype), spec, settings.opset, torch_dtype)
-    fp32_ops = keep_ops_in_fp32(model) if settings.dtype == "fp16" else []
-    masked_nodes = count_custom_nodes(model)
-    model = apply_attention_form(model, settings.attention_form)
+    entries = {}
     with atomic_directory(out) as staging:
-        _save(model, staging / "unet.onnx")
+        for name in tqdm(components, desc="export", unit="component", disable=len(components) == 1):
+            entries[name] = _export_component(name, source, features, settings, staging)
+        log.info("writing %s", out)
         write_manifest(
             staging,
             {
                 "preset": settings.preset,
-                "source": {
-                    "seed": settings.seed,
-                    "weights": settings.weights,
-                    "allow_pickle": settings.allow_pickle,
-                    "weights_sha256": weights_sha256,
-                },
+                "source": {"seed": settings.seed, "weights": settings.weights, "allow_pickle": settings.allow_pickle},
                 "settings": {"opset": settings.opset, "dtype": settings.dtype, "attention_form": settings.attention_form},
-                "components": {
-                    "unet": {
-                        "file": "unet.onnx",
-                        "spec": spec.to_json(),
-                        "features": sorted(features),
-                        "fp32_ops": fp32_ops,
-                        "attention_form": settings.attention_form,
-                        "masked_attention_nodes": masked_nodes,
-                        "onnx_sha256": _file_sha256(staging / "unet.onnx"),
-                    }
-                },
+                "components": entries,
                 "versions": _versions(),
             },
         )
-    log.info(
-        "exported %s unet (features: %s, %s) to %s in %.1f s", settings.preset, features_text(features), settings.dtype, out,
-        time.perf_counter() - started,
-    )  # fmt: skip
+    log.info("exported %s (%s) to %s in %.1f s", ", ".join(components), settings.dtype, out, time.perf_counter() - started)
     return out
 
 
+def _export_component(
+    name: str, source: ModelSource, features: frozenset[str], settings: ExportSettings, staging: Path
+) -> dict[str, object]:
+    """Trace, transform and save one component; return its manifest entry."""
+    dtype_name, torch_dtype = DTYPES[settings.dtype]
+    features = features if name == "unet" else frozenset()
+    log.info("building %s of %s (features: %s)", name, settings.preset, features_text(features))
+    built = build_component(name, source, features, dtype_name)
+    fingerprint = model_sha256(built.module)
+    log.info("tracing %s to ONNX opset %d, %s (the slow step: tens of seconds)", name, settings.opset, settings.dtype)
+    model = trace_to_onnx(built.module.to(torch_dtype), built.spec, settings.opset)
+    spec_json = built.spec.to_json()
+    del built  # the weights now live in `model`; keep one copy in memory, not two
+    masked_nodes = count_custom_nodes(model)
+    fp32_ops = _apply_graph_passes(model, settings)
+    path = staging / f"{name}.onnx"
+    _save(model, path)
+    return {
+        "file": path.name,
+        "spec": spec_json,
+        "features": sorted(features),
+        "fp32_ops": fp32_ops,
+        "attention_form": settings.attention_form,
+        "masked_attention_nodes": masked_nodes,
+        "model_sha256": fingerprint,
+        "onnx_sha256": _file_sha256(path),
+    }
+
+
+def _apply_graph_passes(model: onnx.ModelProto, settings: ExportSettings) -> list[str]:
+    """Run the fp16 and attention-form passes on a weightless copy of `model` and take its structure
+    back: the passes serialize the model, which protobuf refuses above 2 GB (an SD UNet in fp32)."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    for field in ("node", "input", "output", "value_info"):
+        getattr(skeleton.graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:  # dtype and shape only, for shape inference
+        stub = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="weights-not-loaded")
+    fp32_ops = keep_ops_in_fp32(skeleton) if settings.dtype == "fp16" else []
+    skeleton = apply_attention_form(skeleton, settings.attention_form)
+    for field in ("node", "value_info"):
+        model.graph.ClearField(field)
+        getattr(model.graph, field).extend(getattr(skeleton.graph, field))
+    for field in ("functions", "opset_import"):
+        model.ClearField(field)
+        getattr(model, field).extend(getattr(skeleton, field))
+    return fp32_ops
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    large = model.ByteSize() > PROTOBUF_LIMIT or sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT // 2
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT // 2
     onnx.save_model(model, path, save_as_external_data=large, all_tensors_to_one_file=True, location=path.name + ".data")
 
 

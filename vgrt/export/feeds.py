@@ -28,8 +28,11 @@ def random_feed(spec: ComponentSpec, sizes: dict[str, int] | None = None, seed: 
         elif t.name in ("region_masks", "token_regions", "self_key_masks", "key_mask"):
             value = (torch.rand(shape, generator=generator) > 0.5).to(dtype)
             value.reshape(-1, shape[-1])[:, 0] = 1  # never an empty row: each region/key set is non-empty
+        elif t.value_range is not None and not dtype.is_floating_point:
+            value = torch.randint(int(t.value_range[0]), int(t.value_range[1]) + 1, shape, generator=generator)
         elif t.value_range is not None:
-            value = torch.rand(shape, generator=generator).to(dtype)
+            low, high = t.value_range
+            value = (low + (high - low) * torch.rand(shape, generator=generator)).to(dtype)
         elif t.name == "layer_gates":
             value = torch.ones(shape, dtype=dtype)
         else:

@@ -13,7 +13,19 @@ from vgrt.errors import InvalidInputError
 from vgrt.models.features import GATED, FEATURES
 from vgrt.models.presets import Preset, Range
 
-Dim = int | str  # an int is a fixed size; a str names a dynamic dimension of the spec
+# An int is a fixed size; a str names a dynamic dimension of the spec ("height"), or, in outputs only,
+# a multiple or fraction of one ("height*8", "height/8").
+Dim = int | str
+
+
+def resolve_dim(dim: Dim, sizes: dict[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    for sign in ("*", "/"):
+        if sign in dim:
+            name, factor = dim.split(sign)
+            return sizes[name] * int(factor) if sign == "*" else sizes[name] // int(factor)
+    return sizes[dim]
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class ComponentSpec:
         return next(t for t in self.inputs if t.name == name)
 
     def shape(self, tensor: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else sizes[d] for d in tensor.shape)
+        return tuple(resolve_dim(d, sizes) for d in tensor.shape)
 
     def profile_sizes(self, which: str) -> dict[str, int]:
         """Sizes of every dynamic dim at 'min', 'opt' or 'max'."""
@@ -90,8 +102,9 @@ class ComponentSpec:
                     f"{self.name} input {t.name!r} has {dim}={size} at axis {axis}, but {where} has {dim}={seen}; "
                     f"they must agree (shape {_fmt(t.shape)})"
                 )
-            sizes[dim] = (size, repr(t.name))
-            self._check_range(t, dim, size)
+            if dim not in sizes:  # messages name the first input that fixed the size
+                sizes[dim] = (size, repr(t.name))
+                self._check_range(t, dim, size)
 
     def _check_range(self, t: TensorSpec, dim: str, size: int) -> None:
         r = self.dims[dim]

@@ -5,8 +5,6 @@ keyword inputs of `forward`. With no features it is the stock UNet with the stoc
 """
 
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -16,21 +14,11 @@ from vgrt.models.conditioning import Conditioning
 from vgrt.models.features import GATED
 from vgrt.models.presets import Preset, get_preset
 from vgrt.models.processors import CrossAttentionProcessor, SelfAttentionProcessor
-from vgrt.models.weights import apply_state_dict, find_component_weights, load_state_dict
+from vgrt.models.source import ModelSource
 
 # Adapter weights are drawn from a generator of their own so that adding a feature never changes
 # the UNet's own random weights.
 _ADAPTER_SEED_OFFSET = 1_000_003
-
-
-@dataclass(frozen=True)
-class UNetSource:
-    """Where a UNet's weights come from: a preset with seeded random weights, or a local weights path."""
-
-    preset: str
-    seed: int = 0
-    weights: str | None = None
-    allow_pickle: bool = False
 
 
 def transformer_blocks(unet: UNet2DConditionModel) -> list[str]:
@@ -120,17 +108,12 @@ class ConditionedUNet(nn.Module):
         )[0]
 
 
-def build_unet(source: UNetSource, features: frozenset[str]) -> ConditionedUNet:
+def build_unet(source: ModelSource, features: frozenset[str]) -> ConditionedUNet:
     """The conditioned UNet of `source`, in eval mode, fp32, on the CPU."""
     preset = get_preset(source.preset)
-    config = dict(preset.unet)
-    weights_file = None
-    if source.weights:
-        weights_file, folder_config = find_component_weights(Path(source.weights), "unet")
-        if folder_config:
-            config = {k: v for k, v in folder_config.items() if not k.startswith("_")}
-    torch.manual_seed(source.seed)
+    folder_config = source.folder_config("unet")
+    config = {k: v for k, v in folder_config.items() if not k.startswith("_")} if folder_config else preset.unet
+    source.seed_torch("unet")
     unet = UNet2DConditionModel(**config)
-    if weights_file is not None:
-        apply_state_dict(unet, load_state_dict(weights_file, source.allow_pickle), weights_file)
+    source.load_into(unet, "unet")
     return ConditionedUNet(unet, preset, features, source.seed).eval()

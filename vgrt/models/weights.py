@@ -9,7 +9,8 @@ import torch
 from vgrt.errors import WeightsError
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
-_UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# diffusers components, then transformers components (text and image encoders)
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
 
 
 def find_component_weights(path: Path, component: str) -> tuple[Path, dict | None]:
@@ -23,13 +24,13 @@ def find_component_weights(path: Path, component: str) -> tuple[Path, dict | Non
     if path.is_file():
         return path, None
     for folder in (path / component, path):
-        for name in _UNET_FILES:
+        for name in _WEIGHT_FILES:
             if (folder / name).is_file():
                 config = folder / "config.json"
                 return folder / name, json.loads(config.read_text()) if config.is_file() else None
     raise WeightsError(
-        f"no {component} weights under {str(path)!r}: expected {component}/{_UNET_FILES[0]} (diffusers layout) "
-        f"or {_UNET_FILES[0]} in the folder itself"
+        f"no {component} weights under {str(path)!r}: expected {component}/{_WEIGHT_FILES[0]} or "
+        f"{component}/{_WEIGHT_FILES[1]} (diffusers layout), or one of them in the folder itself"
     )
 
 
@@ -70,9 +71,15 @@ def apply_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], so
     module.load_state_dict(state)
 
 
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer (names, dtypes, shapes, values): identifies the weights."""
+def model_sha256(module: torch.nn.Module) -> str:
+    """Hash of the configs of the diffusers/transformers models inside `module` and of every parameter
+    and buffer (names, dtypes, shapes, values): identifies the model an export was made from."""
     digest = hashlib.sha256()
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if config is not None:
+            as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

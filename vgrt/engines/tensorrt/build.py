@@ -1,0 +1,156 @@
+"""`vgrt build --backend tensorrt`: an exported component -> a cached, strongly typed TensorRT engine.
+
+Steps, each a small loader in Polygraphy's `<Target>From<Source>` style:
+1. `OnnxPathFromExport`: the ONNX in the form of the attention route, written beside the export (it
+   shares the export's external weights): plugin nodes (`vgrt.export.plugin_form`) or the ONNX
+   Attention op (`apply_attention_form(..., "attention")`).
+2. `EngineBytesFromOnnxPath`: Polygraphy parses it into a strongly typed network (TensorRT 11 takes
+   every precision from the graph: an fp16 export gives an fp16 engine), adds one optimisation profile
+   from the spec, reuses and extends the timing cache, and builds.
+3. The engine cache stores the engine under a key of everything it depends on; a valid cached engine
+   is reused, a stale or corrupt one rebuilt.
+"""
+
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from vgrt._lazy import require
+from vgrt.engines.tensorrt.cache import EngineCache, EngineKey, write_atomically
+from vgrt.engines.tensorrt.gpu import Gpu, current_gpu
+from vgrt.engines.tensorrt.library import require_tensorrt
+from vgrt.engines.tensorrt.profiles import profile_from_spec, profile_shapes
+from vgrt.engines.tensorrt.settings import BuildSettings
+from vgrt.errors import ArtifactError, InvalidInputError, VgrtError
+from vgrt.export.manifest import ComponentEntry, Manifest, read_manifest
+from vgrt.export.spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir(directory: str | Path) -> Path:
+    return Path(directory) / "tensorrt"
+
+
+def plugin_version() -> str:
+    """The plugin's declared version plus a digest of its kernel sources: an AOT engine embeds the
+    kernel, so an edited kernel must not reuse engines built with the old one."""
+    from vgrt.plugins.masked_attention import trt_plugin, triton_kernel
+    from vgrt.plugins.masked_attention.trt_plugin import MASKED_ATTENTION
+
+    sources = "".join(inspect.getsource(module) for module in (trt_plugin, triton_kernel))
+    return f"{MASKED_ATTENTION.version}+{hashlib.sha256(sources.encode()).hexdigest()[:12]}"
+
+
+def engine_key(manifest: Manifest, entry: ComponentEntry, settings: BuildSettings, tensorrt_version: str, gpu: Gpu) -> EngineKey:
+    uses_plugin = settings.attention == "plugin" and manifest.data["components"][entry.name]["masked_attention_nodes"] > 0
+    return EngineKey(
+        component=entry.name,
+        onnx_sha256=manifest.data["components"][entry.name]["onnx_sha256"],
+        tensorrt_version=tensorrt_version,
+        gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability,
+        profile=tuple((name, *shapes) for name, shapes in profile_shapes(entry.spec).items()),
+        plugin_version=plugin_version() if uses_plugin else "",
+        build=tuple(sorted(settings.engine_fields().items())),
+    )
+
+
+@dataclass(frozen=True)
+class OnnxPathFromExport:
+    """The component's ONNX in the form of `settings.attention`; the export itself when no rewrite is due."""
+
+    manifest: Manifest
+    entry: ComponentEntry
+    settings: BuildSettings
+
+    def __call__(self) -> Path:
+        from vgrt.export.attention_forms import apply_attention_form, count_custom_nodes
+        from vgrt.export.plugin_form import to_plugin_form
+
+        source = self.manifest.path(self.entry)
+        if self.settings.attention == "plugin" and self.entry.attention_form != "custom":
+            raise InvalidInputError(
+                f"--attention plugin needs an export in the 'custom' attention form (vgrt::MaskedAttention nodes); "
+                f"{str(self.manifest.directory)!r} has the {self.entry.attention_form!r} form: export again with "
+                "--attention custom, or build with --attention native"
+            )
+        model = onnx.load(source, load_external_data=False)  # structure only; weights stay where they are
+        if count_custom_nodes(model) == 0:
+            return source
+        if self.settings.attention == "plugin":
+            model, name = to_plugin_form(model, aot=self.settings.aot), "plugin-aot" if self.settings.aot else "plugin-jit"
+        else:
+            model, name = apply_attention_form(model, "attention"), "native"
+        # Beside the source, so that relative external-data locations still resolve.
+        target = source.with_name(f"{source.stem}.trt-{name}.onnx")
+        write_atomically(target, model.SerializeToString())
+        return target
+
+
+@dataclass(frozen=True)
+class EngineBytesFromOnnxPath:
+    """A serialized strongly typed engine, built by Polygraphy's loaders from an ONNX file."""
+
+    path: Path
+    spec: ComponentSpec
+    timing_cache: Path
+    optimization_level: int = 3
+
+    def __call__(self):
+        loaders = require("polygraphy.backend.trt")
+        from polygraphy.exception import PolygraphyException
+
+        network = loaders.NetworkFromOnnxPath(str(self.path), strongly_typed=True)
+        config = loaders.CreateConfig(
+            profiles=[profile_from_spec(self.spec)],
+            load_timing_cache=str(self.timing_cache),  # a missing file starts an empty cache
+            builder_optimization_level=self.optimization_level,
+        )
+        try:
+            return loaders.EngineBytesFromNetwork(network, config, save_timing_cache=str(self.timing_cache))()
+        except PolygraphyException as err:
+            raise VgrtError(f"TensorRT could not build an engine from {str(self.path)!r}: {err}") from err
+
+
+def build_engine(directory: str | Path, settings: BuildSettings = BuildSettings(), cache_dir: str | Path | None = None) -> Path:
+    """Build (or find in the cache) the engine of `settings.component` of an exported directory; return its path."""
+    trt = require_tensorrt()
+    require("polygraphy")
+    settings.validate()
+    manifest = read_manifest(directory)
+    entry = manifest.component(settings.component)
+    if manifest.data["settings"]["dtype"] != "fp16":
+        log.warning("%s is exported in %s, so its engine will be too; export with --dtype fp16 for an fp16 engine",
+                    entry.name, manifest.data["settings"]["dtype"])  # fmt: skip
+    key = engine_key(manifest, entry, settings, trt.__version__, current_gpu())
+    cache = EngineCache(cache_dir or default_cache_dir(directory))
+    if cache.load(key) is not None:
+        log.info("engine up to date: %s", cache.engine_path(key))
+        return cache.engine_path(key)
+    _check_onnx_unchanged(manifest, entry)
+    onnx_path = OnnxPathFromExport(manifest, entry, settings)()
+    if key.plugin_version:
+        from vgrt.plugins.masked_attention.trt_plugin import register_plugin
+
+        register_plugin()  # the parser looks plugins up in the registry
+    log.info("building %s engine from %s (attention: %s)", entry.name, onnx_path.name, settings.attention)
+    engine = EngineBytesFromOnnxPath(onnx_path, entry.spec, cache.timing_cache_path(key), settings.optimization_level)()
+    return cache.store(key, engine)
+
+
+def _check_onnx_unchanged(manifest: Manifest, entry: ComponentEntry) -> None:
+    """The key names the ONNX by the manifest's hash: the file on disk must still be that ONNX."""
+    expected = manifest.data["components"][entry.name]["onnx_sha256"]
+    digest = hashlib.sha256()
+    with manifest.path(entry).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ArtifactError(
+            f"{str(manifest.path(entry))!r} changed since it was exported (sha256 differs from the manifest); export again"
+        )

@@ -1,0 +1,62 @@
+"""Export specs of the VAE, text encoder and CLIP image encoder of a preset."""
+
+from typing import Any
+
+from vgrt.export.spec import ComponentSpec, TensorSpec
+from vgrt.models.presets import Preset, Range
+
+
+def _pixel_range(preset: Preset) -> Range:
+    f = preset.vae_factor
+    return Range(preset.profile.latent.min * f, preset.profile.latent.opt * f, preset.profile.latent.max * f)
+
+
+def vae_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> ComponentSpec:
+    f = preset.vae_factor
+    pixels = _pixel_range(preset)
+    return ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("images", dtype, ("batch", config["in_channels"], "height", "width"), "RGB in [-1, 1]", (-1.0, 1.0)),),
+        outputs=(TensorSpec("latents", dtype, ("batch", config["latent_channels"], f"height/{f}", f"width/{f}"), "scaled latent mean"),),
+        dims={"batch": preset.profile.batch, "height": pixels, "width": pixels},
+        # pixel sizes whose latents the UNet can take
+        multiple_of={"height": f * preset.latent_factor, "width": f * preset.latent_factor},
+    )
+
+
+def vae_decoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> ComponentSpec:
+    f = preset.vae_factor
+    return ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latents", dtype, ("batch", config["latent_channels"], "height", "width"), "scaled latents"),),
+        outputs=(TensorSpec("images", dtype, ("batch", config["out_channels"], f"height*{f}", f"width*{f}"), "RGB, about [-1, 1]"),),
+        dims={"batch": preset.profile.batch, "height": preset.profile.latent, "width": preset.profile.latent},
+    )
+
+
+def text_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str, name: str = "text_encoder") -> ComponentSpec:
+    length, hidden, vocab = config["max_position_embeddings"], config["hidden_size"], config["vocab_size"]
+    pooled = config.get("projection_dim", hidden) if name == "text_encoder_2" else hidden
+    return ComponentSpec(
+        name=name,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", length), "token ids, padded to the full length", (0, vocab - 1)),),
+        outputs=(
+            TensorSpec("last_hidden_state", dtype, ("batch", length, hidden)),
+            TensorSpec("penultimate_hidden_state", dtype, ("batch", length, hidden)),
+            TensorSpec("pooled", dtype, ("batch", pooled), "pooled (projected for SDXL's second encoder) embedding"),
+        ),
+        dims={"batch": preset.profile.batch},
+    )
+
+
+def image_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> ComponentSpec:
+    size, patch, hidden = config["image_size"], config["patch_size"], config["hidden_size"]
+    return ComponentSpec(
+        name="image_encoder",
+        inputs=(TensorSpec("pixel_values", dtype, ("batch", 3, size, size), "CLIP-normalized RGB"),),
+        outputs=(
+            TensorSpec("image_embeds", dtype, ("batch", config["projection_dim"]), "projected embedding"),
+            TensorSpec("penultimate_tokens", dtype, ("batch", 1 + (size // patch) ** 2, hidden), "penultimate layer tokens"),
+        ),
+        dims={"batch": preset.profile.batch},
+    )

@@ -1,0 +1,23 @@
+"""Runtime loops over any UNet runner: schedulers, DDIM inversion, sampling with classifier-free guidance.
+
+Importing vgrt.runtime is light; the names below load their modules (and torch) on first use.
+"""
+
+_HOMES = {
+    "Conditioning": "conditioning",
+    "SchedulerSettings": "schedulers",
+    "build_scheduler": "schedulers",
+    "SamplingSettings": "denoise",
+    "denoise": "denoise",
+    "random_latents": "denoise",
+    "InversionSettings": "inversion",
+    "invert": "inversion",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(f"vgrt.runtime.{_HOMES[name]}"), name)

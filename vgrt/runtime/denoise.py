@@ -1,0 +1,97 @@
+"""The sampling loop: x_T -> x_0 with a diffusers scheduler (DDIM, DPM-Solver++) over any UNet runner."""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from vgrt.engines.base import Runner
+from vgrt.errors import InvalidInputError
+from vgrt.runtime.conditioning import Conditioning
+from vgrt.runtime.guided_unet import BeforeStep, GuidedUNet, check_guidance_scale
+from vgrt.runtime.schedulers import check_steps, set_timesteps
+
+# after_step(step_index, timestep, latents): runs after each scheduler step and may edit the new
+# latents in place (background re-pasting, local blending with inverted latents).
+AfterStep = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one sampling run goes.
+
+    Args:
+        steps: inference steps of the schedule.
+        guidance_scale: classifier-free guidance; 1 runs the conditional rows only.
+        eta: DDIM stochasticity (0 = deterministic); other schedulers take no eta.
+        start_step: skip the first steps of the schedule and start from latents already at
+            timesteps[start_step] (img2img, sampling from a partial inversion as AIComposer does).
+        progress: show a tqdm progress bar.
+    """
+
+    steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    start_step: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_steps(self.steps)
+        check_guidance_scale(self.guidance_scale)
+        if not self.eta >= 0:
+            raise InvalidInputError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.start_step < self.steps:
+            raise InvalidInputError(f"start_step must lie in [0, steps={self.steps}), got {self.start_step}")
+
+
+def random_latents(shape: tuple[int, ...], generator: torch.Generator, device: str | torch.device = "cpu") -> torch.Tensor:
+    """x_T: unit Gaussian noise (DDIM and DPM-Solver start at sigma 1), drawn on the CPU so a seed gives the
+    same latents on every device."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def denoise(
+    runner: Runner,
+    scheduler,
+    latents: torch.Tensor,
+    conditioning: Conditioning,
+    settings: SamplingSettings = SamplingSettings(),
+    *,
+    generator: torch.Generator | None = None,
+    before_step: BeforeStep | None = None,
+    after_step: AfterStep | None = None,
+) -> torch.Tensor:
+    """Denoise `latents` [B, C, h, w] (left untouched) and return the final latents.
+
+    `scheduler` is a diffusers scheduler whose model input is the latent itself (DDIM, DPM-Solver;
+    see vgrt.runtime.schedulers); the loop calls its set_timesteps. `generator` drives the noise of
+    stochastic steps (eta > 0). With an onnxruntime runner, OrtSettings(reuse_outputs=True) saves a copy
+    per step: the loop is done with each output before the next call.
+    """
+    options = _step_options(scheduler, settings.eta, generator)
+    set_timesteps(scheduler, settings.steps)
+    latents = latents.clone()
+    unet = GuidedUNet(runner, conditioning, settings.guidance_scale, latents, scheduler.timesteps)
+    steps = range(settings.start_step, settings.steps)
+    for i in tqdm(steps, desc="denoise", disable=not settings.progress):
+        t = scheduler.timesteps[i]
+        if before_step is not None:
+            before_step(i, t, latents, unet.feed)
+        latents = scheduler.step(unet(latents, i), t, latents, **options)[0]
+        if after_step is not None:
+            after_step(i, t, latents)
+    return latents
+
+
+def _step_options(scheduler, eta: float, generator: torch.Generator | None) -> dict:
+    accepted = inspect.signature(scheduler.step).parameters
+    if eta and "eta" not in accepted:
+        raise InvalidInputError(f"eta={eta} is a DDIM setting; {type(scheduler).__name__} takes no eta: use eta=0")
+    options = {"return_dict": False}
+    if "eta" in accepted:
+        options["eta"] = eta
+    if "generator" in accepted:
+        options["generator"] = generator
+    return options
