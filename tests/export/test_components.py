@@ -1,4 +1,4 @@
-"""VAE, text encoder and CLIP image encoder export and run on ONNX Runtime exactly like PyTorch."""
+"""VAE, text and image encoders and the adapters export and run on ONNX Runtime exactly like PyTorch."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from vgrt.export.components import parse_components
 from vgrt.export.manifest import read_manifest
 from vgrt.models.presets import get_preset
 
-ENCODERS = ("vae_encoder", "vae_decoder", "text_encoder", "image_encoder")
+ENCODERS = ("vae_encoder", "vae_decoder", "text_encoder", "image_encoder", "image_proj", "fusion_mlp", "appearance_net")
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,19 @@ def test_component_names_are_checked():
     assert "text_encoder_2" not in parse_components("all", get_preset("sd15"))
     with pytest.raises(InvalidInputError, match="unknown component.*text_encoder_2.*'sd15'"):
         parse_components("unet,text_encoder_2", get_preset("sd15"))
+
+
+def test_adapter_weights_load_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from vgrt.export.components import build_component
+    from vgrt.models.source import ModelSource
+
+    trained = build_component("fusion_mlp", ModelSource("tiny", seed=9), frozenset(), "float32").module
+    (tmp_path / "fusion_mlp").mkdir()
+    save_file(trained.state_dict(), tmp_path / "fusion_mlp" / "model.safetensors")
+    loaded = build_component("fusion_mlp", ModelSource("tiny", seed=0, weights=str(tmp_path)), frozenset(), "float32").module
+    seeded = build_component("fusion_mlp", ModelSource("tiny", seed=0), frozenset(), "float32").module
+    content, style = torch.randn(2, 1, 8, 32).unbind(0)
+    torch.testing.assert_close(loaded(content, style), trained(content, style))
+    assert not torch.allclose(seeded(content, style), trained(content, style))

@@ -6,12 +6,18 @@ from dataclasses import dataclass
 from torch import nn
 
 from vgrt.errors import InvalidInputError
-from vgrt.export.encoder_specs import image_encoder_spec, text_encoder_spec, vae_decoder_spec, vae_encoder_spec
+from vgrt.export.encoder_specs import (
+    appearance_net_spec, fusion_mlp_spec, image_encoder_spec, image_proj_spec, text_encoder_spec, vae_decoder_spec,
+    vae_encoder_spec,
+)  # fmt: skip
 from vgrt.export.spec import ComponentSpec, unet_spec
 from vgrt.models.presets import Preset, get_preset
 from vgrt.models.source import ModelSource
 
-COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2", "image_encoder")
+COMPONENTS = (
+    "unet", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2", "image_encoder",
+    "image_proj", "fusion_mlp", "appearance_net",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,9 @@ def build_component(name: str, source: ModelSource, features: frozenset[str], dt
         "text_encoder": lambda: _text(source, preset, "text_encoder", preset.text_encoder, dtype),
         "text_encoder_2": lambda: _text(source, preset, "text_encoder_2", preset.text_encoder_2, dtype),
         "image_encoder": lambda: _image(source, preset, dtype),
+        "image_proj": lambda: _adapter(source, preset, "image_proj", dtype),
+        "fusion_mlp": lambda: _adapter(source, preset, "fusion_mlp", dtype),
+        "appearance_net": lambda: _adapter(source, preset, "appearance_net", dtype),
     }
     if name not in builders or (name == "text_encoder_2" and not preset.text_encoder_2):
         parse_components(name, preset)  # raises with the list of valid names
@@ -96,3 +105,21 @@ def _image(source: ModelSource, preset: Preset, dtype: str) -> BuiltComponent:
 
     model, config = _clip(source, "image_encoder", preset.image_encoder, vision=True, projected=True)
     return BuiltComponent("image_encoder", ImageEncoder(model).eval(), image_encoder_spec(preset, config, dtype), "image_encoder")
+
+
+def _adapter(source: ModelSource, preset: Preset, name: str, dtype: str) -> BuiltComponent:
+    from vgrt.models import adapters
+
+    image = preset.image_encoder
+    source.seed_torch(name)
+    if name == "image_proj":
+        module = adapters.ImageProjection(image["projection_dim"], preset.context_dim)
+        spec = image_proj_spec(preset, image["projection_dim"], module.num_tokens, dtype)
+    elif name == "fusion_mlp":
+        tokens = 2 * adapters.IP_TOKENS  # cond and uncond tokens, fused together as in the code
+        module, spec = adapters.FusionMLP(tokens, preset.context_dim), fusion_mlp_spec(preset, tokens, dtype)
+    else:
+        module = adapters.AppearanceNet(image["hidden_size"], preset.context_dim)
+        spec = appearance_net_spec(preset, image["hidden_size"], dtype)
+    source.load_into(module, name)
+    return BuiltComponent(name, module.eval(), spec, name)

@@ -60,3 +60,31 @@ def image_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> Co
         ),
         dims={"batch": preset.profile.batch},
     )
+
+
+def image_proj_spec(preset: Preset, image_embed_dim: int, tokens: int, dtype: str) -> ComponentSpec:
+    return ComponentSpec(
+        name="image_proj",
+        inputs=(TensorSpec("image_embeds", dtype, ("batch", image_embed_dim), "CLIP image embeds"),),
+        outputs=(TensorSpec("ip_tokens", dtype, ("batch", tokens, preset.context_dim), "IP-Adapter tokens"),),
+        dims={"batch": preset.profile.batch},
+    )
+
+
+def fusion_mlp_spec(preset: Preset, tokens: int, dtype: str) -> ComponentSpec:
+    shape = ("batch", tokens, preset.context_dim)
+    return ComponentSpec(
+        name="fusion_mlp",
+        inputs=(TensorSpec("content", dtype, shape, "foreground IP tokens"), TensorSpec("style", dtype, shape, "background IP tokens")),
+        outputs=(TensorSpec("fused", dtype, shape, "content + style - mlp(content, style)"),),
+        dims={"batch": preset.profile.batch},
+    )
+
+
+def appearance_net_spec(preset: Preset, image_token_dim: int, dtype: str) -> ComponentSpec:
+    return ComponentSpec(
+        name="appearance_net",
+        inputs=(TensorSpec("image_tokens", dtype, ("batch", "tokens", image_token_dim), "CLIP image tokens"),),
+        outputs=(TensorSpec("appearance_tokens", dtype, ("batch", "tokens", preset.context_dim)),),
+        dims={"batch": preset.profile.batch, "tokens": preset.profile.extra_tokens},
+    )

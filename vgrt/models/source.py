@@ -11,7 +11,10 @@ from vgrt.models.weights import apply_state_dict, find_component_weights, load_s
 
 # Each component draws its random weights from its own seed, so that which components are built,
 # and in which order, never changes any of them.
-_SEED_OFFSETS = {"unet": 0, "vae": 101, "text_encoder": 202, "text_encoder_2": 303, "image_encoder": 404}
+_SEED_OFFSETS = {
+    "unet": 0, "vae": 101, "text_encoder": 202, "text_encoder_2": 303, "image_encoder": 404,
+    "image_proj": 505, "fusion_mlp": 606, "appearance_net": 707,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ _HOMES = {
     "Conditioning": "conditioning",
     "SchedulerSettings": "schedulers",
     "build_scheduler": "schedulers",
-    "SamplingSettings": "denoise",
-    "denoise": "denoise",
-    "random_latents": "denoise",
+    "SamplingSettings": "sampling",
+    "denoise": "sampling",
+    "random_latents": "sampling",
     "InversionSettings": "inversion",
     "invert": "inversion",
 }
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str):
