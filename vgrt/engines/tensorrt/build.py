@@ -23,7 +23,7 @@ from vgrt._lazy import require
 from vgrt.engines.tensorrt.cache import EngineCache, EngineKey, write_atomically
 from vgrt.engines.tensorrt.gpu import Gpu, current_gpu
 from vgrt.engines.tensorrt.library import require_tensorrt
-from vgrt.engines.tensorrt.profiles import profile_from_spec, profile_shapes
+from vgrt.engines.tensorrt.profiles import profile_from_spec
 from vgrt.engines.tensorrt.settings import BuildSettings
 from vgrt.errors import ArtifactError, InvalidInputError, VgrtError
 from vgrt.export.manifest import ComponentEntry, Manifest, read_manifest
@@ -54,7 +54,7 @@ def engine_key(manifest: Manifest, entry: ComponentEntry, settings: BuildSetting
         tensorrt_version=tensorrt_version,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
-        profile=tuple((name, *shapes) for name, shapes in profile_shapes(entry.spec).items()),
+        profile=tuple((name, *shapes) for name, shapes in entry.spec.profile_shapes().items()),
         plugin_version=plugin_version() if uses_plugin else "",
         build=tuple(sorted(settings.engine_fields().items())),
     )
@@ -127,12 +127,12 @@ def build_engine(directory: str | Path, settings: BuildSettings = BuildSettings(
     if manifest.data["settings"]["dtype"] != "fp16":
         log.warning("%s is exported in %s, so its engine will be too; export with --dtype fp16 for an fp16 engine",
                     entry.name, manifest.data["settings"]["dtype"])  # fmt: skip
+    _check_onnx_unchanged(manifest, entry)
     key = engine_key(manifest, entry, settings, trt.__version__, current_gpu())
     cache = EngineCache(cache_dir or default_cache_dir(directory))
     if cache.load(key) is not None:
         log.info("engine up to date: %s", cache.engine_path(key))
         return cache.engine_path(key)
-    _check_onnx_unchanged(manifest, entry)
     onnx_path = OnnxPathFromExport(manifest, entry, settings)()
     if key.plugin_version:
         from vgrt.plugins.masked_attention.trt_plugin import register_plugin

@@ -1,27 +1,16 @@
-"""TensorRT optimisation profiles from a component's spec: one profile whose ranges are the spec's."""
+"""TensorRT optimisation profiles from a component's spec: one profile whose ranges are the spec's.
+
+Every dynamic dim of the spec is a Range (min <= opt <= max, checked when the spec is made), so each
+input's (min, opt, max) shapes are ordered dim by dim.
+"""
 
 from vgrt._lazy import require
-from vgrt.errors import ArtifactError
 from vgrt.export.spec import ComponentSpec
-
-Shape = tuple[int, ...]
-
-
-def profile_shapes(spec: ComponentSpec) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """Per input, its (min, opt, max) shape; every dim checked to satisfy min <= opt <= max."""
-    shapes = spec.profile_shapes()
-    for name, (low, opt, high) in shapes.items():
-        if not all(a <= b <= c for a, b, c in zip(low, opt, high)):
-            raise ArtifactError(
-                f"{spec.name} input {name!r} has profile min {low}, opt {opt}, max {high}, not ordered "
-                "min <= opt <= max; fix the preset's ranges and export again"
-            )
-    return shapes
 
 
 def profile_from_spec(spec: ComponentSpec):
-    """A Polygraphy `Profile` holding `profile_shapes(spec)`."""
+    """A Polygraphy `Profile` with, per input, the spec's (min, opt, max) shapes."""
     profile = require("polygraphy.backend.trt").Profile()
-    for name, (low, opt, high) in profile_shapes(spec).items():
+    for name, (low, opt, high) in spec.profile_shapes().items():
         profile.add(name, min=low, opt=opt, max=high)
     return profile
