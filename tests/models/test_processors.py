@@ -112,7 +112,7 @@ def mutual():
 def identity_groups(groups: int = 1):
     return dict(
         kv_index=torch.arange(B).expand(groups, B).contiguous(),
-        q_index=torch.arange(B),
+        q_index=torch.arange(B).expand(groups, B).contiguous(),
         self_key_masks=torch.ones(groups, B, H, W),
         self_out_gates=torch.ones(groups, B, H, W) / groups,
     )
@@ -146,11 +146,35 @@ def test_mutual_query_index_takes_another_rows_queries():
     attn, proc = mutual()
     hidden, _, _ = inputs()
     cond = identity_groups()
-    cond["q_index"] = torch.tensor([1, 1])
+    cond["q_index"] = torch.tensor([[1, 1]])
     cond["kv_index"] = torch.tensor([[1, 1]])
     out = run(attn, proc, hidden, **cond, layer_gates=gates())
     torch.testing.assert_close(out[0], out[1])  # row 0 now computes exactly row 1's attention
     assert not torch.allclose(out[0], run(attn, AttnProcessor2_0(), hidden)[0])
+
+
+def test_mutual_groups_take_queries_from_different_rows():
+    """MCA-Ctrl's SAGI: the target's foreground group uses the subject's queries, its background group
+    the condition's; with gates splitting the grid, each half of the target copies one branch."""
+    attn, proc = mutual()
+    hidden, _, _ = inputs()
+    hidden = torch.cat([hidden, hidden[:1] * -1.0])  # three rows: condition, subject, target
+    three = 3
+    left = torch.zeros(three, H, W)
+    left[..., : W // 2] = 1
+    cond = dict(
+        kv_index=torch.tensor([[0, 1, 1], [0, 1, 0]]),
+        q_index=torch.tensor([[0, 1, 1], [0, 1, 0]]),
+        self_key_masks=torch.ones(2, three, H, W),
+        self_out_gates=torch.stack([left, 1 - left]),
+    )
+    cond["self_out_gates"][:, :2] = torch.tensor([1.0, 0.0])[:, None, None, None]  # rows 0, 1: group 0 only
+    out = run(attn, proc, hidden, **cond, layer_gates=gates())
+    stock = run(attn, AttnProcessor2_0(), hidden)
+    in_left = left[0].reshape(L) > 0
+    torch.testing.assert_close(out[2, in_left], stock[1, in_left])  # subject's attention output
+    torch.testing.assert_close(out[2, ~in_left], stock[0, ~in_left])  # condition's attention output
+    torch.testing.assert_close(out[:2], stock[:2])
 
 
 @pytest.mark.parametrize("factor", [1, 2])

@@ -41,7 +41,7 @@ def neutral(feed: dict) -> dict:
     if "kv_index" in out:
         groups, batch = out["kv_index"].shape
         out["kv_index"] = torch.arange(batch).expand(groups, batch).contiguous()
-        out["q_index"] = torch.arange(batch)
+        out["q_index"] = torch.arange(batch).expand(groups, batch).contiguous()
         out["self_out_gates"] = torch.full_like(out["self_out_gates"], 1.0 / groups)
     return out
 

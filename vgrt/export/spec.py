@@ -213,7 +213,7 @@ def unet_spec(preset: Preset, features: frozenset[str], dtype: str, num_blocks: 
     if "mutual" in f:
         inputs += [
             TensorSpec("kv_index", "int64", ("groups", "batch"), "batch row each group reads K/V from", index_of="batch"),
-            TensorSpec("q_index", "int64", ("batch",), "batch row whose queries the mutual groups use", index_of="batch"),
+            TensorSpec("q_index", "int64", ("groups", "batch"), "batch row each group takes queries from", index_of="batch"),
             TensorSpec("self_key_masks", dtype, ("groups", "batch", *latent), "1 = key allowed in group", unit),
             TensorSpec("self_out_gates", dtype, ("groups", "batch", *latent), "per-query weight of each group", unit),
         ]

@@ -25,7 +25,7 @@ class Conditioning:
     region_masks: torch.Tensor | None = None  # [B, R, H, W], 1 = query inside region r
     token_regions: torch.Tensor | None = None  # [B, R, Ne], 1 = extra token j belongs to region r
     kv_index: torch.Tensor | None = None  # [G, B] batch row whose K/V group g of row b reads
-    q_index: torch.Tensor | None = None  # [B] batch row whose queries row b uses in the mutual groups
+    q_index: torch.Tensor | None = None  # [G, B] batch row whose queries group g of row b uses
     self_key_masks: torch.Tensor | None = None  # [G, B, H, W], 1 = key allowed in group g
     self_out_gates: torch.Tensor | None = None  # [G, B, H, W] per-query weight of group g's output
     layer_gates: torch.Tensor | None = None  # [blocks, 2]: extra-token scale, mutual blend

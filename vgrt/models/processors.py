@@ -86,7 +86,7 @@ class SelfAttentionProcessor(nn.Module):
     """Self-attention, optionally blended with mutual attention over other batch rows.
 
     Mutual attention (MasaCtrl, MCA-Ctrl's SALQ and SAGI): for each softmax group g, row b attends with
-    the queries of row q_index[b] to the keys and values of row kv_index[g, b], restricted to the keys
+    the queries of row q_index[g, b] to the keys and values of row kv_index[g, b], restricted to the keys
     its key mask allows; the groups' outputs are summed with per-query gates. The block's
     `layer_gates` value blends plain (0) and mutual (1) attention.
     """
@@ -117,7 +117,7 @@ class SelfAttentionProcessor(nn.Module):
     def _mutual(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         groups, batch = cond.kv_index.shape
         rows = cond.kv_index.reshape(-1)
-        q_rows = q.index_select(0, cond.q_index).repeat(groups, 1, 1, 1)
+        q_rows = q.index_select(0, cond.q_index.reshape(-1))
         key_allowed = to_layer_grid(cond.self_key_masks, self.factor).reshape(groups * batch, -1) > 0
         bias = allowed_to_bias(key_allowed, q.dtype)[:, None, None, :]
         grouped = masked_attention(q_rows, k.index_select(0, rows), v.index_select(0, rows), bias, scale=attn.scale)
