@@ -79,7 +79,10 @@ def model_sha256(module: torch.nn.Module) -> str:
         config = getattr(sub, "config", None)
         if config is not None:
             as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-            digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+            # private keys hold bookkeeping such as diffusers' `_use_default_values`, a list made from a
+            # set whose order changes from process to process
+            public = {k: v for k, v in as_dict.items() if not k.startswith("_")}
+            digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

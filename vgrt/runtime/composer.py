@@ -1,0 +1,109 @@
+"""The pipeline object: one model's engines on one backend, exported into the cache on first use.
+
+    composer = Composer.from_preset("tiny", backend="onnxruntime")
+    image = mca_ctrl.compose(composer, request).image
+
+Encoders and adapters live in one cached export; each conditioned UNet feature set in its own, so a
+method runs a UNet that carries only the attention work it needs.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vgrt.engines import BACKENDS, open_runner
+from vgrt.engines.base import Runner
+from vgrt.errors import InvalidInputError
+from vgrt.export.cache import cached_export
+from vgrt.export.exporter import ExportSettings
+from vgrt.models.presets import Preset, get_preset
+from vgrt.models.source import ModelSource
+from vgrt.models.tokenizer import PromptTokenizer, load_tokenizer
+
+ENCODERS = "vae_encoder,vae_decoder,text_encoder,image_encoder,image_proj,fusion_mlp,appearance_net"
+
+
+@dataclass
+class Composer:
+    """Engines of one model opened on one backend; runners open on first use and stay open.
+
+    Args:
+        source: preset and seed, or a local weights folder.
+        backend: 'onnxruntime' (default) or 'torch'.
+        dtype: 'fp32' or 'fp16' engines.
+        cache: export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt).
+        progress: show progress bars.
+    """
+
+    source: ModelSource
+    backend: str = "onnxruntime"
+    dtype: str = "fp32"
+    cache: Path | None = None
+    progress: bool = True
+    _runners: dict[tuple[str, str], Runner] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InvalidInputError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        self.preset: Preset = get_preset(self.source.preset)
+        self.tokenizer: PromptTokenizer = load_tokenizer(self.source)
+
+    @classmethod
+    def from_preset(cls, preset: str = "tiny", backend: str = "onnxruntime", seed: int = 0, **options) -> "Composer":
+        """A preset's architecture with seeded random weights (for parity and speed, not for images)."""
+        return cls(ModelSource(preset, seed), backend, **options)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, preset: str = "sd15", backend: str = "onnxruntime", **options) -> "Composer":
+        """Real weights from a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, ...)."""
+        if not Path(directory).is_dir():
+            raise InvalidInputError(f"{str(directory)!r} is not a folder; give a local diffusers model folder")
+        return cls(ModelSource(preset, weights=str(directory)), backend, **options)
+
+    def runner(self, component: str, features: str = "none") -> Runner:
+        """The active runner of `component` (the UNet with `features`), exported and opened on first use."""
+        key = (component, features if component == "unet" else "")
+        if key not in self._runners:
+            settings = ExportSettings(
+                preset=self.source.preset, components="unet" if component == "unet" else ENCODERS,
+                features=features if component == "unet" else "none", dtype=self.dtype, seed=self.source.seed,
+                weights=self.source.weights, allow_pickle=self.source.allow_pickle,
+            )  # fmt: skip
+            directory = cached_export(settings, self.cache)
+            self._runners[key] = open_runner(directory, component, self.backend).activate()
+        return self._runners[key]
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.deactivate()
+        self._runners.clear()
+
+    def __enter__(self) -> "Composer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _float(self, tensor: torch.Tensor, runner: Runner) -> torch.Tensor:
+        return tensor.to(getattr(torch, runner.spec.inputs[0].dtype))
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text context [B, 77, D] (the last hidden state, as SD 1.x and 2.x condition on)."""
+        return self.runner("text_encoder").infer({"input_ids": self.tokenizer(prompts)})["last_hidden_state"].float()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f]."""
+        runner = self.runner("vae_encoder")
+        return runner.infer({"images": self._float(images, runner)})["latents"].float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        runner = self.runner("vae_decoder")
+        return runner.infer({"latents": self._float(latents, runner)})["images"].float().clamp(-1, 1)
+
+    def check_image_size(self, width: int, height: int) -> None:
+        """Refuse image sizes the preset's engines cannot take, before any engine runs."""
+        from vgrt.runtime.images import check_image_size
+
+        f, p = self.preset.vae_factor, self.preset.profile.latent
+        check_image_size(width, height, f * self.preset.latent_factor, p.min * f, p.max * f)
