@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny-preset exports are made once per test session and reused."""
+"""Shared fixtures: tiny-preset exports and composers are made once per test session and reused."""
 
 import logging
 from collections.abc import Callable
@@ -24,3 +24,24 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def composer_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vgrt-cache")
+
+
+@pytest.fixture(scope="session")
+def composers(composer_cache):
+    from vgrt.runtime.composer import Composer
+
+    made = {}
+
+    def get(backend: str):
+        if backend not in made:
+            made[backend] = Composer.from_preset("tiny", backend=backend, cache=composer_cache, progress=False)
+        return made[backend]
+
+    yield get
+    for composer in made.values():
+        composer.close()

@@ -14,6 +14,8 @@ from vgrt.errors import VgrtError
 # name -> module in vgrt.commands with `add_arguments(parser)`, `run(args) -> int` and a docstring.
 SUBCOMMANDS = {
     "export": "vgrt.commands.export",
+    "compose": "vgrt.commands.compose",
+    "examples": "vgrt.commands.examples",
     "build": "vgrt.commands.build",
     "bench": "vgrt.commands.bench",
     "compare": "vgrt.commands.compare",

@@ -76,7 +76,10 @@ def _plugin() -> tuple[bool, str]:
     from vgrt.plugins.masked_attention.trt_plugin import MASKED_ATTENTION, register_plugin
 
     plugin = register_plugin()
-    return True, f"{plugin} v{MASKED_ATTENTION.version} registers (JIT and AOT implementations; AOT PTX by Triton {detail})"
+    return (
+        True,
+        f"{plugin} v{MASKED_ATTENTION.version} registers (JIT and AOT implementations; AOT PTX by Triton {detail})",
+    )
 
 
 def _onnxruntime_tensorrt() -> tuple[bool, str]:
@@ -85,7 +88,10 @@ def _onnxruntime_tensorrt() -> tuple[bool, str]:
     except ImportError:
         return False, "onnxruntime is not installed"
     if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
-        return False, "TensorRT provider not in this build: pip install 'vgrt[trt]' (onnxruntime-gpu with TensorRT libraries)"
+        return (
+            False,
+            "TensorRT provider not in this build: pip install 'vgrt[trt]' (onnxruntime-gpu with TensorRT libraries)",
+        )
     return True, "TensorRT provider in this build (sessions are checked for a silent fallback)"
 
 

@@ -38,7 +38,10 @@ def _model(dtype: int = TensorProto.FLOAT16, island: bool = True) -> onnx.ModelP
     else:
         nodes = [helper.make_node(MASKED_ATTENTION.name, list(shape), ["out"], domain=MASKED_ATTENTION.namespace)]
     graph = helper.make_graph(nodes, "g", inputs, [output])
-    opsets = [helper.make_opsetid("", 23), helper.make_opsetid(MASKED_ATTENTION.namespace, int(MASKED_ATTENTION.version))]
+    opsets = [
+        helper.make_opsetid("", 23),
+        helper.make_opsetid(MASKED_ATTENTION.namespace, int(MASKED_ATTENTION.version)),
+    ]
     return helper.make_model(graph, opset_imports=opsets, functions=[function_proto("decomposed", 23)])
 
 
@@ -49,7 +52,9 @@ def test_node_carries_exactly_the_declared_identity(aot):
     assert (node.op_type, node.domain) == (MASKED_ATTENTION.name, MASKED_ATTENTION.namespace)
     assert _as_text(_attributes(node)) == _declared(aot)
     assert not model.functions  # no body to fall back on: a missing plugin fails the parse
-    assert (MASKED_ATTENTION.namespace, int(MASKED_ATTENTION.version)) in {(o.domain, o.version) for o in model.opset_import}
+    assert (MASKED_ATTENTION.namespace, int(MASKED_ATTENTION.version)) in {
+        (o.domain, o.version) for o in model.opset_import
+    }
     onnx.checker.check_model(model)
 
 

@@ -87,9 +87,13 @@ def _fake_tensorrt():
 
         return with_id
 
-    trtp.register, trtp.impl, trtp.autotune, trtp.aot_impl = map(decorator, ("register", "impl", "autotune", "aot_impl"))
+    trtp.register, trtp.impl, trtp.autotune, trtp.aot_impl = map(
+        decorator, ("register", "impl", "autotune", "aot_impl")
+    )
     trtp.TensorDesc, trtp.Tensor = type("TensorDesc", (), {}), type("Tensor", (), {})
-    trtp.AutoTuneCombination = type("AutoTuneCombination", (), {"__init__": lambda self, *spec: setattr(self, "spec", spec)})
+    trtp.AutoTuneCombination = type(
+        "AutoTuneCombination", (), {"__init__": lambda self, *spec: setattr(self, "spec", spec)}
+    )
     trtp.KernelLaunchParams = type("KernelLaunchParams", (), {})
     trtp.SymInt32 = type("SymInt32", (), {"__init__": lambda self, e: setattr(self, "expr", e)})
     trtp.SymIntExprs = type("SymIntExprs", (), {"from_tuple": staticmethod(list)})
@@ -152,7 +156,12 @@ def test_aot_launch_is_the_launch_the_jit_path_makes(registered, monkeypatch):
         return CompiledKernel("masked_attention_plugin", "ptx", num_warps=8, shared_memory=34816)
 
     monkeypatch.setattr(trt_plugin, "compile_plugin_kernel", fake_compile)
-    q, k, v, bias = Desc((2, 8, 100, 160), "HALF"), Desc((2, 8, 77, 160), "HALF"), Desc((2, 8, 77, 160), "HALF"), Desc((2, 1, 100, 77), "HALF")
+    q, k, v, bias = (
+        Desc((2, 8, 100, 160), "HALF"),
+        Desc((2, 8, 77, 160), "HALF"),
+        Desc((2, 8, 77, 160), "HALF"),
+        Desc((2, 1, 100, 77), "HALF"),
+    )
     name, ptx, launch, scalars = registered.registered["aot_impl"][1](q, k, v, bias, (None,), 0)
     config = KernelConfig("fp16", 160)
     assert compiled == [config] and (name, ptx) == ("masked_attention_plugin", "ptx")
@@ -171,7 +180,11 @@ B, H, LQ, LK = 2, 3, 70, 45  # LQ spans two query tiles, the second partial; LK 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_kernel_matches_the_reference_for_every_bias_broadcast(dtype, bias_shape):
     torch.manual_seed(0)
-    q, k, v = torch.randn(B, H, LQ, 40).to(dtype), torch.randn(B, H, LK, 40).to(dtype), torch.randn(B, H, LK, 40).to(dtype)
+    q, k, v = (
+        torch.randn(B, H, LQ, 40).to(dtype),
+        torch.randn(B, H, LK, 40).to(dtype),
+        torch.randn(B, H, LK, 40).to(dtype),
+    )
     bias = torch.randn(bias_shape).masked_fill(torch.rand(bias_shape) < 0.3, float("-inf"))
     if bias_shape[2] == LQ:
         bias[..., 0, :] = float("-inf")  # a query row with no allowed key: zeros, not NaN

@@ -41,6 +41,15 @@ def test_without_guidance_the_inputs_are_only_cast_to_the_spec():
     assert got["encoder_hidden_states"].shape == (ROWS, 5, 8)
 
 
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_feed_owns_its_tensors_so_hook_edits_stay_in_the_run(guided):
+    ready = {"encoder_hidden_states": torch.ones(ROWS, 5, 8, dtype=torch.float16), "layer_gates": torch.ones(3, 2, dtype=torch.float16)}
+    got = inputs(Conditioning(ready, {"encoder_hidden_states": torch.zeros(ROWS, 5, 8)}), guided)
+    for value in got.values():
+        value.zero_()
+    assert all((value == 1).all() for value in ready.values())
+
+
 def test_guided_halves_stack_uncond_first_and_shift_row_indices_of_the_cond_half():
     got = inputs(Conditioning(COND, {"encoder_hidden_states": torch.zeros(ROWS, 5, 8)}), guided=True)
     ehs = got["encoder_hidden_states"]

@@ -36,7 +36,8 @@ def test_overrides_win_over_the_preset():
     ("make", "message"),
     [
         (lambda: build_scheduler("euler"), "unknown scheduler 'euler'"),
-        (lambda: build_scheduler("ddim", SchedulerSettings(prediction_type="sample")), "unknown prediction_type"),
+        (lambda: SchedulerSettings(prediction_type="sample"), "unknown prediction_type"),
+        (lambda: SchedulerSettings.for_preset("sd15", timestep_spacing="even"), "unknown timestep_spacing"),
         (lambda: build_scheduler("ddim_inverse", SchedulerSettings(timestep_spacing="linspace")), "no 'linspace'"),
         (lambda: set_timesteps(build_scheduler("ddim"), 0), "steps must be an integer >= 1"),
         (lambda: set_timesteps(build_scheduler("ddim"), 1001), "exceeds the scheduler's 1000 training timesteps"),

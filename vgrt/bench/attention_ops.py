@@ -52,11 +52,11 @@ def attention_spec(dtype: str, masked: bool) -> ComponentSpec:
 
 def export_attention_models(out_dir: Path, dtype: str) -> dict[str, tuple[Path, ComponentSpec]]:
     """Write the masked op in every ONNX form and the dense op; {form or 'dense': (path, spec)}."""
-    dtype_name, torch_dtype = DTYPES[dtype]
+    dtype_name = DTYPES[dtype][0]
     masked_spec, dense_spec = attention_spec(dtype_name, masked=True), attention_spec(dtype_name, masked=False)
-    masked = trace_to_onnx(MaskedAttentionOp(), masked_spec, OPSET, torch_dtype)
+    masked = trace_to_onnx(MaskedAttentionOp(), masked_spec, OPSET)
     models = {form: (apply_attention_form(_copy(masked), form), masked_spec) for form in ATTENTION_FORMS}
-    models[DENSE] = (trace_to_onnx(DenseAttentionOp(), dense_spec, OPSET, torch_dtype), dense_spec)
+    models[DENSE] = (trace_to_onnx(DenseAttentionOp(), dense_spec, OPSET), dense_spec)
     written = {}
     for name, (model, spec) in models.items():
         path = out_dir / f"attention-{name}-{dtype}.onnx"

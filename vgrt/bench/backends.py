@@ -3,18 +3,9 @@
 PyTorch eager is every suite's baseline: it is always timed, and runs on the GPU when one is present.
 """
 
-import importlib.util
-
 from vgrt.bench.suites import Suite
 from vgrt.errors import InvalidInputError
 
-BACKENDS: dict[str, str] = {
-    "torch": "PyTorch eager, the baseline (on the GPU when one is present)",
-    "onnxruntime": "ONNX Runtime, CPU execution provider",
-    "onnxruntime-cuda": "ONNX Runtime, CUDA execution provider",
-    "tensorrt": "TensorRT engine",
-    "triton": "vgrt's Triton masked-attention kernel (skips fully masked key tiles)",
-}
 BASELINE = "torch"
 
 # The `vgrt doctor` checks each backend needs to pass.
@@ -22,20 +13,9 @@ _DOCTOR_CHECKS = {
     "torch": (),
     "onnxruntime": ("onnxruntime",),
     "onnxruntime-cuda": ("gpu", "onnxruntime-cuda"),
-    "tensorrt": ("gpu", "tensorrt"),
+    "tensorrt": ("gpu", "tensorrt", "polygraphy"),
     "triton": ("gpu", "triton"),
 }
-
-
-def _vgrt_part_missing(backend: str) -> str | None:
-    """Why vgrt itself cannot drive `backend` yet, if it cannot."""
-    if backend == "tensorrt":
-        from vgrt.engines import BACKENDS as RUNNERS
-
-        return None if "tensorrt" in RUNNERS else "vgrt.engines has no TensorRT runner yet"
-    if backend == "triton" and importlib.util.find_spec("vgrt.plugins.masked_attention.triton_kernel") is None:
-        return "vgrt's Triton kernel (vgrt/plugins/masked_attention/triton_kernel.py) is not in this version"
-    return None
 
 
 def unavailable_reason(backend: str) -> str | None:
@@ -47,9 +27,6 @@ def unavailable_reason(backend: str) -> str | None:
         ok, detail = CHECKS[check]()
         if not ok:
             reasons.append(f"{check}: {detail}")
-    missing = _vgrt_part_missing(backend)
-    if missing:
-        reasons.append(missing)
     return "; ".join(reasons) or None
 
 

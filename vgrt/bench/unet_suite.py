@@ -67,7 +67,10 @@ def _runner(directory: Path, backend: str, device: str, ort: OrtSettings):
     if backend in ("onnxruntime", "onnxruntime-cuda"):
         provider = "cuda" if backend == "onnxruntime-cuda" else "cpu"
         return open_runner(directory, backend="onnxruntime", **{**asdict(ort), "provider": provider})
-    return open_runner(directory, backend=backend)
+    from vgrt.engines.tensorrt.build import build_engine
+
+    build_engine(directory)  # or finds it in the export's engine cache; not part of the timing
+    return open_runner(directory, backend="tensorrt", reuse_outputs=True)
 
 
 def _time_sizes(directory: Path, runners: dict, settings: BenchSettings, device: str) -> list[Case]:

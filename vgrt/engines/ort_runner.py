@@ -77,14 +77,17 @@ class OrtRunner(Runner):
                     "with: pip install 'vgrt[trt]', or use provider='cuda'"
                 )
             cache = str(self.path.parent / "ort-tensorrt")
-            providers[0] = (providers[0], {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_timing_cache_enable": True})
+            providers[0] = (
+                providers[0],
+                {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_timing_cache_enable": True},
+            )
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         wanted = PROVIDERS[self.settings.provider][0]
         if wanted not in self.session.get_providers():
             raise VgrtError(
-                f"ONNX Runtime fell back from {wanted}: it did not load (onnxruntime-gpu needs CUDA 13 and cuDNN 9, its "
-                "TensorRT provider also TensorRT's libraries); install 'vgrt[gpu]' or 'vgrt[trt]' with matching CUDA "
-                "libraries, or use provider='cpu'"
+                f"ONNX Runtime fell back from {wanted}: it did not load (onnxruntime-gpu needs CUDA 13 and cuDNN 9, "
+                "its TensorRT provider also TensorRT's libraries); install 'vgrt[gpu]' or 'vgrt[trt]' with matching "
+                "CUDA libraries, or use provider='cpu'"
             )
         self.device = "cpu" if self.settings.provider == "cpu" else "cuda"
 

@@ -53,46 +53,51 @@ def drop_fp32_islands(model: onnx.ModelProto) -> int:
     A node changes only when all its inputs are fp32 casts of fp16 tensors and its one output feeds one
     cast back to fp16, so every plugin node keeps a single dtype across its inputs and output.
     """
-    graph = model.graph
+    nodes = model.graph.node
     elem_type = _elem_types(model)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
         for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {v.name for v in graph.output}
-    removed: set[int] = set()  # id() of the casts to delete
-    widening: list[onnx.NodeProto] = []
+            consumers.setdefault(name, []).append(i)
+    graph_outputs = {v.name for v in model.graph.output}
+
+    def cast_up_from_fp16(name: str) -> bool:
+        cast = nodes[producer[name]] if name in producer else None
+        return _is_cast(cast, TensorProto.FLOAT) and elem_type.get(cast.input[0]) == TensorProto.FLOAT16
+
+    removed: set[int] = set()  # indices of the casts to delete
+    widened: list[int] = []
     changed = 0
-    for node in filter(is_plugin_node, graph.node):
-        widened = [producer.get(name) for name in node.input]
+    for node in filter(is_plugin_node, nodes):
         narrowed = consumers.get(node.output[0], [])
         if not (
-            all(_is_cast(c, TensorProto.FLOAT) and elem_type.get(c.input[0]) == TensorProto.FLOAT16 for c in widened)
+            all(cast_up_from_fp16(name) for name in node.input)
             and len(narrowed) == 1
-            and _is_cast(narrowed[0], TensorProto.FLOAT16)
+            and _is_cast(nodes[narrowed[0]], TensorProto.FLOAT16)
             and node.output[0] not in graph_outputs
         ):
             continue
-        for i, cast in enumerate(widened):
-            node.input[i] = cast.input[0]
-        node.output[0] = narrowed[0].output[0]
-        removed.add(id(narrowed[0]))
-        widening += widened
+        casts = [producer[name] for name in node.input]
+        for i, cast in enumerate(casts):
+            node.input[i] = nodes[cast].input[0]
+        node.output[0] = nodes[narrowed[0]].output[0]
+        removed.add(narrowed[0])
+        widened += casts
         changed += 1
-    still_read = {name for node in graph.node if id(node) not in removed for name in node.input} | graph_outputs
-    removed |= {id(cast) for cast in widening if cast.output[0] not in still_read}
-    kept = [_detached(node) for node in graph.node if id(node) not in removed]
-    del graph.node[:]
-    graph.node.extend(kept)
-    produced = {out for node in graph.node for out in node.output}
-    stale = [v for v in graph.value_info if v.name not in produced]
-    for v in stale:
-        graph.value_info.remove(v)
+    still_read = {name for i, node in enumerate(nodes) if i not in removed for name in node.input} | graph_outputs
+    removed |= {i for i in widened if nodes[i].output[0] not in still_read}
+    kept = [_detached(node) for i, node in enumerate(nodes) if i not in removed]
+    del nodes[:]
+    nodes.extend(kept)
+    produced = {out for node in nodes for out in node.output}
+    for v in [v for v in model.graph.value_info if v.name not in produced]:
+        model.graph.value_info.remove(v)
     return changed
 
 
 def _detached(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A copy that outlives the graph's node list being cleared."""
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
     return copy

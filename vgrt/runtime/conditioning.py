@@ -33,7 +33,7 @@ class Conditioning:
 
 
 def unet_inputs(spec: ComponentSpec, conditioning: Conditioning, rows: int, guided: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    """The fixed part of the UNet feed: cast once to the spec's dtypes, halves stacked when `guided`."""
+    """The fixed part of the UNet feed (fresh tensors): cast once to the spec's dtypes, halves stacked when `guided`."""
     _check_names(spec, conditioning)
     if guided and not conditioning.uncond:
         raise InvalidInputError(
@@ -70,7 +70,8 @@ def _check_names(spec: ComponentSpec, conditioning: Conditioning) -> None:
 
 
 def _as_spec_tensor(t: TensorSpec, value: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(value).to(device=device, dtype=getattr(torch, t.dtype))
+    # Always a copy: hooks edit the feed in place, and that must not reach the caller's tensors.
+    return torch.as_tensor(value).to(device=device, dtype=getattr(torch, t.dtype), copy=True)
 
 
 def _stack_halves(t: TensorSpec, uncond: torch.Tensor, cond: torch.Tensor, rows: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ class SchedulerSettings:
         preset = get_preset(preset) if isinstance(preset, str) else preset
         return replace(cls(prediction_type=preset.prediction_type), **overrides)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise InvalidInputError(
                 f"unknown prediction_type {self.prediction_type!r}; choose one of: {', '.join(PREDICTION_TYPES)}"
@@ -63,10 +63,7 @@ def build_scheduler(kind: str, settings: SchedulerSettings = SchedulerSettings()
     """
     from diffusers import DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler
 
-    settings.validate()
-    common = {
-        k: v for k, v in asdict(settings).items() if k not in ("set_alpha_to_one", "solver_order")
-    }
+    common = {k: v for k, v in asdict(settings).items() if k not in ("set_alpha_to_one", "solver_order")}
     if kind == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=settings.set_alpha_to_one)
     if kind == "ddim_inverse":

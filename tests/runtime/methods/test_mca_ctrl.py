@@ -12,7 +12,7 @@ from vgrt.models.conditioning import Conditioning as LayerConditioning
 from vgrt.models.processors import SelfAttentionProcessor
 from vgrt.runtime.methods import mca_ctrl
 
-from .conftest import box_mask, random_image
+from .inputs import box_mask, random_image
 
 
 def request(mode: str = "edit", **changes) -> mca_ctrl.McaCtrlRequest:

@@ -39,18 +39,21 @@ def default_cache_dir(directory: str | Path) -> Path:
 def plugin_version() -> str:
     """The plugin's declared version plus a digest of its kernel sources: an AOT engine embeds the
     kernel, so an edited kernel must not reuse engines built with the old one."""
-    from vgrt.plugins.masked_attention import trt_plugin, triton_kernel
+    from vgrt.plugins.masked_attention import triton_kernel, trt_plugin
     from vgrt.plugins.masked_attention.trt_plugin import MASKED_ATTENTION
 
     sources = "".join(inspect.getsource(module) for module in (trt_plugin, triton_kernel))
     return f"{MASKED_ATTENTION.version}+{hashlib.sha256(sources.encode()).hexdigest()[:12]}"
 
 
-def engine_key(manifest: Manifest, entry: ComponentEntry, settings: BuildSettings, tensorrt_version: str, gpu: Gpu) -> EngineKey:
-    uses_plugin = settings.attention == "plugin" and manifest.data["components"][entry.name]["masked_attention_nodes"] > 0
+def engine_key(
+    manifest: Manifest, entry: ComponentEntry, settings: BuildSettings, tensorrt_version: str, gpu: Gpu
+) -> EngineKey:
+    exported = manifest.data["components"][entry.name]
+    uses_plugin = settings.attention == "plugin" and exported["masked_attention_nodes"] > 0
     return EngineKey(
         component=entry.name,
-        onnx_sha256=manifest.data["components"][entry.name]["onnx_sha256"],
+        onnx_sha256=exported["onnx_sha256"],
         tensorrt_version=tensorrt_version,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
@@ -83,7 +86,8 @@ class OnnxPathFromExport:
         if count_custom_nodes(model) == 0:
             return source
         if self.settings.attention == "plugin":
-            model, name = to_plugin_form(model, aot=self.settings.aot), "plugin-aot" if self.settings.aot else "plugin-jit"
+            model = to_plugin_form(model, aot=self.settings.aot)
+            name = "plugin-aot" if self.settings.aot else "plugin-jit"
         else:
             model, name = apply_attention_form(model, "attention"), "native"
         # Beside the source, so that relative external-data locations still resolve.
@@ -117,7 +121,9 @@ class EngineBytesFromOnnxPath:
             raise VgrtError(f"TensorRT could not build an engine from {str(self.path)!r}: {err}") from err
 
 
-def build_engine(directory: str | Path, settings: BuildSettings = BuildSettings(), cache_dir: str | Path | None = None) -> Path:
+def build_engine(
+    directory: str | Path, settings: BuildSettings = BuildSettings(), cache_dir: str | Path | None = None
+) -> Path:
     """Build (or find in the cache) the engine of `settings.component` of an exported directory; return its path."""
     trt = require_tensorrt()
     require("polygraphy")
@@ -152,5 +158,6 @@ def _check_onnx_unchanged(manifest: Manifest, entry: ComponentEntry) -> None:
             digest.update(chunk)
     if digest.hexdigest() != expected:
         raise ArtifactError(
-            f"{str(manifest.path(entry))!r} changed since it was exported (sha256 differs from the manifest); export again"
+            f"{str(manifest.path(entry))!r} changed since it was exported (its sha256 is not the manifest's); "
+            "export again"
         )

@@ -13,7 +13,9 @@ def require_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except ImportError as err:
-        raise MissingDependencyError(f"TensorRT is not installed but is needed here; install it with: {INSTALL_HINT}") from err
+        raise MissingDependencyError(
+            f"TensorRT is not installed but is needed here; install it with: {INSTALL_HINT}"
+        ) from err
     except OSError as err:  # the wheel is there but its shared libraries did not load
         raise MissingDependencyError(
             f"TensorRT is installed but its libraries do not load ({err}); reinstall it with: {INSTALL_HINT}"

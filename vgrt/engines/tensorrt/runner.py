@@ -16,8 +16,8 @@ graph captured from that call's execution; a change of shapes (or of the shared 
 Every TensorRT call that reports failure by returning False raises instead.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -112,7 +112,9 @@ class TrtRunner(Runner):
         self.runtime = trt.Runtime(logger())
         self.engine = self.runtime.deserialize_cuda_engine(self.engine_loader())
         if self.engine is None:
-            raise ArtifactError("TensorRT could not deserialize the engine (built by another TensorRT version, or for another GPU?)")
+            raise ArtifactError(
+                "TensorRT could not deserialize the engine (built by another TensorRT version, or for another GPU?)"
+            )
         if self.shared_memory is None:
             self.context = self.engine.create_execution_context()
         else:
@@ -127,7 +129,9 @@ class TrtRunner(Runner):
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         expected = {t.name for t in (*self.spec.inputs, *self.spec.outputs)}
         if names != expected:
-            raise ArtifactError(f"the engine's tensors {sorted(names)} are not the export's {sorted(expected)}; build it again")
+            raise ArtifactError(
+                f"the engine's tensors {sorted(names)} are not the export's {sorted(expected)}; build it again"
+            )
         largest = self.spec.profile_sizes("max")
         for t in (*self.spec.inputs, *self.spec.outputs):
             dtype = _torch_dtypes(trt)[self.engine.get_tensor_dtype(t.name)]

@@ -41,4 +41,6 @@ def runner_from_export(
             f"{key.gpu_name} with these settings; build it with: vgrt build {directory} --backend tensorrt "
             f"--attention {build.attention}" + ("" if build.aot else " --jit")
         )
-    return TrtRunner(lambda: load_verified(cache, key), entry.spec, run, shared_memory, needs_plugin=bool(key.plugin_version))
+    return TrtRunner(
+        lambda: load_verified(cache, key), entry.spec, run, shared_memory, needs_plugin=bool(key.plugin_version)
+    )

@@ -29,13 +29,19 @@ class BuildSettings:
 
     def validate(self) -> None:
         if self.attention not in ATTENTION_ROUTES:
-            raise InvalidInputError(f"unknown attention route {self.attention!r}; choose one of: {', '.join(ATTENTION_ROUTES)}")
+            raise InvalidInputError(
+                f"unknown attention route {self.attention!r}; choose one of: {', '.join(ATTENTION_ROUTES)}"
+            )
         if self.optimization_level not in OPTIMIZATION_LEVELS:
             raise InvalidInputError(f"optimization level must be 0-5, got {self.optimization_level}")
 
     def engine_fields(self) -> dict[str, object]:
         """The settings that change the engine's contents (part of its cache key)."""
-        fields = {"component": self.component, "attention": self.attention, "optimization_level": self.optimization_level}
+        fields = {
+            "component": self.component,
+            "attention": self.attention,
+            "optimization_level": self.optimization_level,
+        }
         if self.attention == "plugin":
             fields["aot"] = self.aot
         return fields

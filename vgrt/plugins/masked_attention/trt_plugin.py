@@ -18,9 +18,10 @@ No `from __future__ import annotations` here: tensorrt.plugin reads the decorate
 as classes.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Callable, List, Tuple, Union
+from typing import Union
 
 from vgrt._lazy import require
 from vgrt.errors import InvalidInputError, VgrtError
@@ -165,6 +166,7 @@ def plugin_kernel():
     ):  # fmt: skip
         # q, k, v, out are dense [B, H, L, D]; the bias is dense [B or 1, H or 1, Lq or 1, Lk], and an
         # axis of extent 1 broadcasts by stride 0 (decided here, so shapes may change at run time).
+        # Offsets are int32, as TensorRT's AOT scalars are: each tensor holds fewer than 2**31 elements.
         q_head = len_q * HEAD_DIM
         kv_head = len_k * HEAD_DIM
         bias_row = len_k * tl.minimum(bias_rows - 1, 1)
@@ -255,7 +257,9 @@ def trim_entry_parameters(ptx: str, entry: str, keep: int) -> str:
     end = ptx.index(")", start)
     parameters = [p.strip() for p in ptx[start:end].split(",")]
     if len(parameters) < keep:
-        raise VgrtError(f"kernel {entry} declares {len(parameters)} parameters, fewer than the {keep} it is launched with")
+        raise VgrtError(
+            f"kernel {entry} declares {len(parameters)} parameters, fewer than the {keep} it is launched with"
+        )
     body = ptx[end:]
     read = [p.split()[-1] for p in parameters[keep:] if f"[{p.split()[-1]}]" in body]
     if read:
@@ -299,15 +303,15 @@ def register_plugin() -> str:
     @trtp.autotune(MASKED_ATTENTION.plugin_id)
     def masked_attention_formats(
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc,
-        outputs: Tuple[trtp.TensorDesc],
-    ) -> List[trtp.AutoTuneCombination]:  # fmt: skip
+        outputs: tuple[trtp.TensorDesc],
+    ) -> list[trtp.AutoTuneCombination]:  # fmt: skip
         # One dtype for every input and the output; under strong typing the graph picks which.
         one_dtype = ", ".join(["FP16|BF16|FP32"] * (len(MASKED_ATTENTION.inputs) + len(MASKED_ATTENTION.outputs)))
         return [trtp.AutoTuneCombination(one_dtype, "LINEAR")]
 
     @trtp.impl(MASKED_ATTENTION.plugin_id)
     def masked_attention_jit(
-        q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, bias: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int
+        q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, bias: trtp.Tensor, outputs: tuple[trtp.Tensor], stream: int
     ) -> None:
         torch = require("torch")
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
@@ -317,8 +321,8 @@ def register_plugin() -> str:
     @trtp.aot_impl(MASKED_ATTENTION.plugin_id)
     def masked_attention_aot(
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc,
-        outputs: Tuple[trtp.TensorDesc], tactic: int,
-    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
+        outputs: tuple[trtp.TensorDesc], tactic: int,
+    ) -> tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
         config = config_of(q)
         kernel = compile_plugin_kernel(config)
         launch = trtp.KernelLaunchParams()
