@@ -57,3 +57,14 @@ def test_missing_and_mismatched_inputs_are_named(examples, tmp_path, capsys):
     bad[bad.index("--region-mask") + 1] = str(tmp_path / "small_mask.png")
     assert main(bad) == 2 and "is 16x16 but its image is 32x32" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_locref_from_the_command_line(examples, tmp_path, composer_cache, capsys):
+    box = (examples / "box.txt").read_text().strip()
+    base = ["compose", "locref", "--prompt", "a red ball", "--reference", str(examples / "subject.png"), "--box", box,
+            "--size", "32x32", "--steps", "2", "--cache", str(composer_cache)]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "loc.png")]) == 0
+    assert Image.open(tmp_path / "loc.png").size == (32, 32)
+    assert main([*base, "--box", "0,0,8,8", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "1 reference images but 2 boxes" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()

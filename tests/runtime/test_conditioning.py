@@ -18,7 +18,13 @@ SPEC = ComponentSpec(
         TensorSpec("layer_gates", "float16", (3, 2)),
     ),
     outputs=(TensorSpec("noise_pred", "float16", ("batch", 4, "height", "width")),),
-    dims={"batch": Range(1, 2, 8), "height": Range(8, 8, 8), "width": Range(8, 8, 8), "context": Range(1, 5, 9), "groups": Range(1, 2, 2)},
+    dims={
+        "batch": Range(1, 2, 8),
+        "height": Range(8, 8, 8),
+        "width": Range(8, 8, 8),
+        "context": Range(1, 5, 9),
+        "groups": Range(1, 2, 2),
+    },
 )
 ROWS = 3
 COND = {
@@ -43,7 +49,10 @@ def test_without_guidance_the_inputs_are_only_cast_to_the_spec():
 
 @pytest.mark.parametrize("guided", [False, True])
 def test_the_feed_owns_its_tensors_so_hook_edits_stay_in_the_run(guided):
-    ready = {"encoder_hidden_states": torch.ones(ROWS, 5, 8, dtype=torch.float16), "layer_gates": torch.ones(3, 2, dtype=torch.float16)}
+    ready = {
+        "encoder_hidden_states": torch.ones(ROWS, 5, 8, dtype=torch.float16),
+        "layer_gates": torch.ones(3, 2, dtype=torch.float16),
+    }
     got = inputs(Conditioning(ready, {"encoder_hidden_states": torch.zeros(ROWS, 5, 8)}), guided)
     for value in got.values():
         value.zero_()
@@ -63,7 +72,10 @@ def test_guided_halves_stack_uncond_first_and_shift_row_indices_of_the_cond_half
     ("conditioning", "message"),
     [
         (Conditioning(COND), "guidance_scale > 1 needs the unconditional inputs"),
-        (Conditioning({**COND, "sample": torch.zeros(1)}, {"kv_index": COND["kv_index"]}), r"inputs \['sample'\] the UNet does not take"),
+        (
+            Conditioning({**COND, "sample": torch.zeros(1)}, {"kv_index": COND["kv_index"]}),
+            r"inputs \['sample'\] the UNet does not take",
+        ),
         (Conditioning(COND, {"text": torch.zeros(1)}), r"Conditioning.uncond has inputs \['text'\]"),
         (Conditioning({"layer_gates": COND["layer_gates"]}, {"layer_gates": COND["layer_gates"]}), "no batch axis"),
     ],

@@ -29,7 +29,9 @@ def test_guided_sampling_with_mutual_attention_and_per_step_gates_agrees_across_
             recording = RecordingRunner(runner)
             latents = random_latents((ROWS, 4, LATENT, LATENT), torch.Generator().manual_seed(0))
             settings = SamplingSettings(steps=4, guidance_scale=4.0, progress=False)
-            finals[backend] = denoise(recording, build_scheduler("ddim"), latents, conditioning, settings, before_step=before_step)
+            finals[backend] = denoise(
+                recording, build_scheduler("ddim"), latents, conditioning, settings, before_step=before_step
+            )
         assert len(recording.feeds) == 4
         assert all(torch.equal(feed["layer_gates"], gates[i % 2]) for i, feed in enumerate(recording.feeds))
         assert recording.feeds[0]["kv_index"].shape[-1] == 2 * ROWS  # both guidance halves, each wired to itself

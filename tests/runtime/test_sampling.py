@@ -13,12 +13,12 @@ from .helpers import LATENT, ROWS, RecordingRunner, relative_error, text_conditi
 SHAPE = (ROWS, 4, LATENT, LATENT)
 
 
-def sample(runner, kind="ddim", seed=0, conditioning=None, scheduler_settings=SchedulerSettings(), **settings):
+def sample(runner, kind="ddim", seed=0, conditioning=None, preset="tiny", **settings):
     """Latents drawn from `seed`, denoised with the same generator (it also drives eta noise)."""
     generator = torch.Generator().manual_seed(seed)
     latents = random_latents(SHAPE, generator)
     settings = SamplingSettings(**{"steps": 8, "guidance_scale": 5.0, "progress": False, **settings})
-    scheduler = build_scheduler(kind, scheduler_settings)
+    scheduler = build_scheduler(kind, SchedulerSettings.for_preset(preset))
     return denoise(runner, scheduler, latents, conditioning or text_conditioning(), settings, generator=generator)
 
 
@@ -39,7 +39,14 @@ def test_eta_noise_comes_from_the_generator(runners):
     runner, latents = runners["onnxruntime"], random_latents(SHAPE, torch.Generator().manual_seed(0))
     settings = SamplingSettings(steps=4, guidance_scale=5.0, eta=1.0, progress=False)
     a, b = (
-        denoise(runner, build_scheduler("ddim"), latents, text_conditioning(), settings, generator=torch.Generator().manual_seed(s))
+        denoise(
+            runner,
+            build_scheduler("ddim"),
+            latents,
+            text_conditioning(),
+            settings,
+            generator=torch.Generator().manual_seed(s),
+        )
         for s in (1, 2)
     )
     assert relative_error(a, b) > 1e-3
@@ -69,7 +76,9 @@ def test_guidance_batches_both_halves_into_one_call_and_combines_them(runners):
     (t,) = scheduler.timesteps
     timestep = torch.full((ROWS,), float(t))
     uncond, cond = (
-        runner.infer({"sample": latents, "timestep": timestep, "encoder_hidden_states": half["encoder_hidden_states"]})["noise_pred"]
+        runner.infer({"sample": latents, "timestep": timestep, "encoder_hidden_states": half["encoder_hidden_states"]})[
+            "noise_pred"
+        ]
         for half in (conditioning.uncond, conditioning.cond)
     )
     expected = scheduler.step(uncond + scale * (cond - uncond), t, latents).prev_sample
@@ -116,11 +125,10 @@ def test_sampling_can_start_mid_schedule(runners):
 
 
 def test_v_prediction_is_sampled_as_v(runners):
-    sd21 = SchedulerSettings.for_preset("sd21")
-    v_run = sample(runners["onnxruntime"], scheduler_settings=sd21)
-    eps_run = sample(runners["onnxruntime"], scheduler_settings=SchedulerSettings.for_preset("sd15"))
+    v_run = sample(runners["onnxruntime"], preset="sd21")  # the tiny UNet's output read as v
+    eps_run = sample(runners["onnxruntime"], preset="sd15")
     assert torch.isfinite(v_run).all()
-    assert relative_error(v_run, eps_run) > 0.1  # the same UNet output read as v gives other latents
+    assert relative_error(v_run, eps_run) > 0.1
 
 
 @pytest.mark.parametrize(
@@ -151,13 +159,31 @@ def test_latents_the_unet_cannot_take_fail_before_any_unet_call(runners, shape, 
     recording = RecordingRunner(runners["onnxruntime"])
     conditioning = text_conditioning(rows=shape[0] if len(shape) == 4 else ROWS)
     with pytest.raises(InvalidInputError, match=message):
-        denoise(recording, build_scheduler("ddim"), torch.zeros(shape), conditioning, SamplingSettings(steps=2, progress=False))
+        denoise(
+            recording,
+            build_scheduler("ddim"),
+            torch.zeros(shape),
+            conditioning,
+            SamplingSettings(steps=2, progress=False),
+        )
     assert recording.feeds == []
 
 
 def test_guidance_needs_unconditional_inputs_and_eta_needs_ddim(runners):
     latents, runner = torch.zeros(SHAPE), runners["onnxruntime"]
     with pytest.raises(InvalidInputError, match="needs the unconditional inputs"):
-        denoise(runner, build_scheduler("ddim"), latents, Conditioning(text_conditioning().cond), SamplingSettings(progress=False))
+        denoise(
+            runner,
+            build_scheduler("ddim"),
+            latents,
+            Conditioning(text_conditioning().cond),
+            SamplingSettings(progress=False),
+        )
     with pytest.raises(InvalidInputError, match="DPMSolverMultistepScheduler takes no eta"):
-        denoise(runner, build_scheduler("dpmsolver++"), latents, text_conditioning(), SamplingSettings(eta=0.5, progress=False))
+        denoise(
+            runner,
+            build_scheduler("dpmsolver++"),
+            latents,
+            text_conditioning(),
+            SamplingSettings(eta=0.5, progress=False),
+        )

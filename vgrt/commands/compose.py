@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mca.add_argument("--mode", default="edit", choices=("edit", "generate"))
     mca.add_argument("--prompt", default="", help="text for the target branch")
     _common(mca)
+    loc = methods.add_parser("locref", help="LocRef-Diffusion: reference images placed in boxes, from a prompt")
+    loc.add_argument("--prompt", required=True)
+    loc.add_argument("--reference", action="append", required=True, help="reference image; repeat, one per --box")
+    loc.add_argument("--box", action="append", required=True, help="x0,y0,x1,y1 in output pixels; one per --reference")
+    _common(loc)
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -52,17 +57,9 @@ def _image_and_mask(image_path: str, mask_path: str, size: tuple[int, int] | Non
     return image, mask
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vgrt.errors import InvalidInputError
-    from vgrt.models.source import ModelSource
-    from vgrt.runtime.composer import Composer
-    from vgrt.runtime.images import save_image
+def _mca_ctrl(args: argparse.Namespace):
     from vgrt.runtime.methods import mca_ctrl
 
-    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise InvalidInputError(f"--out {args.out!r} must end in .png or .jpg")
     size = _size(args.size)
     subject, subject_mask = _image_and_mask(args.subject, args.subject_mask, size, "subject")
     condition, region_mask = _image_and_mask(args.condition, args.region_mask, size, "condition")
@@ -70,12 +67,44 @@ def run(args: argparse.Namespace) -> int:
         subject, subject_mask, condition, region_mask, mode=args.mode, prompt=args.prompt,
         steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
     )  # fmt: skip
+    return mca_ctrl.compose, request, (condition.shape[3], condition.shape[2])
+
+
+def _locref(args: argparse.Namespace):
+    from vgrt.errors import InvalidInputError
+    from vgrt.runtime.images import Box, load_image
+    from vgrt.runtime.methods import locref
+
+    if args.size is None:
+        raise InvalidInputError("locref needs the output size: add --size WxH, e.g. --size 512x512")
+    width, height = _size(args.size)
+    references = tuple(load_image(path) for path in args.reference)
+    boxes = tuple(Box.parse(text) for text in args.box)
+    request = locref.LocRefRequest(
+        args.prompt, references, boxes, width, height, steps=args.steps, guidance_scale=args.guidance, seed=args.seed
+    )
+    return locref.compose, request, (width, height)
+
+
+METHODS = {"mca-ctrl": _mca_ctrl, "locref": _locref}
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vgrt.errors import InvalidInputError
+    from vgrt.models.source import ModelSource
+    from vgrt.runtime.composer import Composer
+    from vgrt.runtime.images import save_image
+
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise InvalidInputError(f"--out {args.out!r} must end in .png or .jpg")
+    compose, request, (width, height) = METHODS[args.method](args)
     request.validate()
     source = ModelSource(args.preset, weights=args.weights)  # --seed is the sampling seed, not the weights'
-
     with Composer(source, args.backend, cache=args.cache) as composer:
-        composer.check_image_size(condition.shape[3], condition.shape[2])
-        result = mca_ctrl.compose(composer, request)
+        composer.check_image_size(width, height)
+        result = compose(composer, request)
     save_image(result.image, args.out)
     stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.times.seconds.items())
     print(f"wrote {args.out} ({stages})")

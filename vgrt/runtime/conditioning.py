@@ -32,7 +32,9 @@ class Conditioning:
     uncond: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
-def unet_inputs(spec: ComponentSpec, conditioning: Conditioning, rows: int, guided: bool, device: torch.device) -> dict[str, torch.Tensor]:
+def unet_inputs(
+    spec: ComponentSpec, conditioning: Conditioning, rows: int, guided: bool, device: torch.device
+) -> dict[str, torch.Tensor]:
     """The fixed part of the UNet feed (fresh tensors): cast once to the spec's dtypes, halves stacked when `guided`."""
     _check_names(spec, conditioning)
     if guided and not conditioning.uncond:

@@ -34,7 +34,14 @@ class GuidedUNet:
         timesteps: the run's timesteps, copied once into the spec's timestep dtype.
     """
 
-    def __init__(self, runner: Runner, conditioning: Conditioning, guidance_scale: float, latents: torch.Tensor, timesteps: torch.Tensor):
+    def __init__(
+        self,
+        runner: Runner,
+        conditioning: Conditioning,
+        guidance_scale: float,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+    ):
         check_guidance_scale(guidance_scale)
         if latents.ndim != 4 or not latents.is_floating_point():
             raise InvalidInputError(
@@ -46,12 +53,18 @@ class GuidedUNet:
         self.output_name = spec.outputs[0].name
         copies = 2 if self.guided else 1
         rows, device = latents.shape[0], latents.device
-        sample = torch.empty((copies * rows, *latents.shape[1:]), dtype=getattr(torch, spec.input("sample").dtype), device=device)
+        sample = torch.empty(
+            (copies * rows, *latents.shape[1:]), dtype=getattr(torch, spec.input("sample").dtype), device=device
+        )
         timestep_dtype = getattr(torch, spec.input("timestep").dtype)
         self.timestep = torch.empty(copies * rows, dtype=timestep_dtype, device=device)
         self.timesteps = timesteps.to(device=device, dtype=timestep_dtype)
         self.sample_copies = sample.view(copies, *latents.shape)  # one broadcast copy fills both halves
-        self.feed = {**unet_inputs(spec, conditioning, rows, self.guided, device), "sample": sample, "timestep": self.timestep}
+        self.feed = {
+            **unet_inputs(spec, conditioning, rows, self.guided, device),
+            "sample": sample,
+            "timestep": self.timestep,
+        }
         self.validated = False
 
     def __call__(self, latents: torch.Tensor, step: int) -> torch.Tensor:
@@ -72,5 +85,7 @@ class GuidedUNet:
             self.runner.spec.validate(self.feed)
         except InvalidInputError as err:
             rows = f"{latents.shape[0]} latent rows" + (" x2 for classifier-free guidance" if self.guided else "")
-            raise InvalidInputError(f"the UNet feed for latents {tuple(latents.shape)} ({rows}) does not fit the runner: {err}") from err
+            raise InvalidInputError(
+                f"the UNet feed for latents {tuple(latents.shape)} ({rows}) does not fit the runner: {err}"
+            ) from err
         self.validated = True

@@ -46,7 +46,9 @@ class SamplingSettings:
             raise InvalidInputError(f"start_step must lie in [0, steps={self.steps}), got {self.start_step}")
 
 
-def random_latents(shape: tuple[int, ...], generator: torch.Generator, device: str | torch.device = "cpu") -> torch.Tensor:
+def random_latents(
+    shape: tuple[int, ...], generator: torch.Generator, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """x_T: unit Gaussian noise (DDIM and DPM-Solver start at sigma 1), drawn on the CPU so a seed gives the
     same latents on every device."""
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

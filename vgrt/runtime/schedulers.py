@@ -84,5 +84,7 @@ def set_timesteps(scheduler, steps: int) -> None:
     """Start a run of `steps` inference steps (this also resets multistep state)."""
     check_steps(steps)
     if steps > scheduler.config.num_train_timesteps:
-        raise InvalidInputError(f"steps={steps} exceeds the scheduler's {scheduler.config.num_train_timesteps} training timesteps")
+        raise InvalidInputError(
+            f"steps={steps} exceeds the scheduler's {scheduler.config.num_train_timesteps} training timesteps"
+        )
     scheduler.set_timesteps(steps)
