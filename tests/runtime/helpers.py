@@ -29,7 +29,7 @@ class RecordingRunner:
         self.feeds: list[dict[str, torch.Tensor]] = []
         self.sample_addresses: list[int] = []
 
-    def infer(self, feed):
+    def infer(self, feed, validate=True):
         self.feeds.append({k: v.clone() for k, v in feed.items()})
         self.sample_addresses.append(feed["sample"].data_ptr())
-        return self.runner.infer(feed)
+        return self.runner.infer(feed, validate)

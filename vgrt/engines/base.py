@@ -39,11 +39,15 @@ class Runner(ABC):
     def __exit__(self, *exc: Any) -> None:
         self.deactivate()
 
-    def infer(self, feed: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Run one call. `feed` maps input names to torch tensors or numpy arrays."""
+    def infer(self, feed: dict[str, Any], validate: bool = True) -> dict[str, torch.Tensor]:
+        """Run one call. `feed` maps input names to torch tensors or numpy arrays.
+
+        validate=False skips the value checks (they read masks and indices on the host, a device sync on
+        a GPU) for loops that validated the same feed once already; shapes are still resolved.
+        """
         if not self.is_active:
             raise VgrtError(f"{type(self).__name__} is not active: call activate() or use it as a context manager")
-        sizes = self.spec.validate(feed)
+        sizes = self.spec.validate(feed) if validate else self.spec.sizes(feed)
         return self.infer_impl({k: torch.as_tensor(v) for k, v in feed.items()}, sizes)
 
     @abstractmethod

@@ -36,12 +36,15 @@ class OrtSettings:
         optimization_level: 'disable', 'basic', 'extended' (default) or 'all'. On the CPU 'all' costs
             15-20 s of session creation on SD 1.5 for no measured gain.
         reuse_outputs: return the runner's own output buffers (overwritten by the next call).
+        allow_spinning: let idle ONNX Runtime threads spin for the next call. Off by default: vgrt runs
+            torch work between engine calls in the same process, and spinning threads starve it.
     """
 
     provider: str = "cpu"
     intra_op_threads: int = 0
     optimization_level: str = "extended"
     reuse_outputs: bool = False
+    allow_spinning: bool = False
 
 
 class OrtRunner(Runner):
@@ -63,6 +66,7 @@ class OrtRunner(Runner):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.settings.intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.settings.allow_spinning else "0")
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

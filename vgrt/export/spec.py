@@ -80,6 +80,15 @@ class ComponentSpec:
             self._check_values(t, feed[t.name], resolved)
         return resolved
 
+    def sizes(self, feed: dict[str, Any]) -> dict[str, int]:
+        """The dynamic dim sizes of a feed already validated (no checks, no host reads)."""
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            for dim, size in zip(t.shape, feed[t.name].shape):
+                if isinstance(dim, str):
+                    sizes.setdefault(dim, size)
+        return sizes
+
     def _check_tensor(self, t: TensorSpec, value: Any, sizes: dict[str, tuple[int, str]]) -> None:
         dtype = _dtype_name(value)
         if dtype != t.dtype:

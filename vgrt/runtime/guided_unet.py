@@ -73,7 +73,7 @@ class GuidedUNet:
         self.timestep.copy_(self.timesteps[step])
         if not self.validated:
             self._validate_first_feed(latents)
-        output = self.runner.infer(self.feed)[self.output_name].to(latents.dtype)
+        output = self.runner.infer(self.feed, validate=False)[self.output_name].to(latents.dtype)
         if not self.guided:
             return output
         uncond, cond = output.chunk(2)
