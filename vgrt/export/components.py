@@ -7,7 +7,12 @@ from torch import nn
 
 from vgrt.errors import InvalidInputError
 from vgrt.export.encoder_specs import (
-    appearance_net_spec, fusion_mlp_spec, image_encoder_spec, image_proj_spec, text_encoder_spec, vae_decoder_spec,
+    appearance_net_spec,
+    fusion_mlp_spec,
+    image_encoder_spec,
+    image_proj_spec,
+    text_encoder_spec,
+    vae_decoder_spec,
     vae_encoder_spec,
 )  # fmt: skip
 from vgrt.export.spec import ComponentSpec, unet_spec

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 import vgrt
 from vgrt.errors import InvalidInputError
 from vgrt.export.attention_forms import ATTENTION_FORMS, apply_attention_form, count_custom_nodes
+from vgrt.export.components import build_component, parse_components
 from vgrt.export.fp16 import keep_ops_in_fp32
 from vgrt.export.manifest import atomic_directory, write_manifest
-from vgrt.export.components import build_component, parse_components
 from vgrt.export.spec import ComponentSpec
 from vgrt.models.features import features_text, parse_features
 from vgrt.models.presets import get_preset

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from vgrt.errors import InvalidInputError
-from vgrt.models.features import GATED, FEATURES
+from vgrt.models.features import FEATURES, GATED
 from vgrt.models.presets import Preset, Range
 
 # An int is a fixed size; a str names a dynamic dimension of the spec ("height"), or, in outputs only,

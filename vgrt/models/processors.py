@@ -36,59 +36,10 @@ def _output(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](attn.to_out[0](_merge(x)))
 
 
-class CrossAttentionProcessor(nn.Module):
-    """Text cross-attention, optionally key-masked, plus an optional extra token set.
+class _ConditionedProcessor(nn.Module):
+    """Shared call contract: project q, k, v, let the subclass attend, project the output.
 
-    The extra tokens have their own K/V projections and softmax (decoupled cross-attention as in
-    IP-Adapter); their output is added times a per-query gate and the block's `layer_gates` scale.
-    Keys may come from a different token set than values (kv_source), and tokens may be restricted to
-    regions (regions).
-    """
-
-    def __init__(self, features: frozenset[str], block: int, factor: int, context_dim: int, inner_dim: int):
-        super().__init__()
-        self.features, self.block, self.factor = features, block, factor
-        if "extra_tokens" in features:
-            self.to_k_extra = nn.Linear(context_dim, inner_dim, bias=False)
-            self.to_v_extra = nn.Linear(context_dim, inner_dim, bias=False)
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        conditioning: Conditioning | None = None,
-    ) -> torch.Tensor:
-        _check_plain_attention(attn)
-        cond = conditioning or Conditioning()
-        q = _heads(attn.to_q(hidden_states), attn.heads)
-        k = _heads(attn.to_k(encoder_hidden_states), attn.heads)
-        v = _heads(attn.to_v(encoder_hidden_states), attn.heads)
-        text_bias = key_mask_bias(cond.key_mask, q.dtype) if "key_mask" in self.features else None
-        out = masked_attention(q, k, v, text_bias, scale=attn.scale)
-        if "extra_tokens" in self.features:
-            out = out + self._extra(attn, q, cond)
-        return _output(attn, out)
-
-    def _extra(self, attn: Attention, q: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        key_tokens = cond.extra_key_tokens if "kv_source" in self.features else cond.extra_tokens
-        k = _heads(self.to_k_extra(key_tokens), attn.heads)
-        v = _heads(self.to_v_extra(cond.extra_tokens), attn.heads)
-        bias = region_bias(cond.region_masks, cond.token_regions, self.factor, q.dtype) if "regions" in self.features else None
-        out = masked_attention(q, k, v, bias, scale=attn.scale)
-        gate = to_layer_grid(cond.extra_gate, self.factor)[:, :, :, None]  # [B, 1, Lq, 1]
-        return out * (gate * cond.layer_gates[self.block, EXTRA_GATE])
-
-
-class SelfAttentionProcessor(nn.Module):
-    """Self-attention, optionally blended with mutual attention over other batch rows.
-
-    Mutual attention (MasaCtrl, MCA-Ctrl's SALQ and SAGI): for each softmax group g, row b attends with
-    the queries of row q_index[g, b] to the keys and values of row kv_index[g, b], restricted to the keys
-    its key mask allows; the groups' outputs are summed with per-query gates. The block's
-    `layer_gates` value blends plain (0) and mutual (1) attention.
+    diffusers passes `cross_attention_kwargs` only to parameters it finds in this signature by name.
     """
 
     def __init__(self, features: frozenset[str], block: int, factor: int):
@@ -105,14 +56,63 @@ class SelfAttentionProcessor(nn.Module):
         conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         _check_plain_attention(attn)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = _heads(attn.to_q(hidden_states), attn.heads)
-        k = _heads(attn.to_k(hidden_states), attn.heads)
-        v = _heads(attn.to_v(hidden_states), attn.heads)
+        k = _heads(attn.to_k(context), attn.heads)
+        v = _heads(attn.to_v(context), attn.heads)
+        return _output(attn, self.attend(attn, q, k, v, conditioning or Conditioning()))
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CrossAttentionProcessor(_ConditionedProcessor):
+    """Text cross-attention, optionally key-masked, plus an optional extra token set.
+
+    The extra tokens have their own K/V projections and softmax (decoupled cross-attention as in
+    IP-Adapter); their output is added times a per-query gate and the block's `layer_gates` scale.
+    Keys may come from a different token set than values (kv_source), and tokens may be restricted to
+    regions (regions).
+    """
+
+    def __init__(self, features: frozenset[str], block: int, factor: int, context_dim: int, inner_dim: int):
+        super().__init__(features, block, factor)
+        if "extra_tokens" in features:
+            self.to_k_extra = nn.Linear(context_dim, inner_dim, bias=False)
+            self.to_v_extra = nn.Linear(context_dim, inner_dim, bias=False)
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        text_bias = key_mask_bias(cond.key_mask, q.dtype) if "key_mask" in self.features else None
+        out = masked_attention(q, k, v, text_bias, scale=attn.scale)
+        if "extra_tokens" in self.features:
+            out = out + self._extra(attn, q, cond)
+        return out
+
+    def _extra(self, attn: Attention, q: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        key_tokens = cond.extra_key_tokens if "kv_source" in self.features else cond.extra_tokens
+        k = _heads(self.to_k_extra(key_tokens), attn.heads)
+        v = _heads(self.to_v_extra(cond.extra_tokens), attn.heads)
+        bias = region_bias(cond.region_masks, cond.token_regions, self.factor, q.dtype) if "regions" in self.features else None
+        out = masked_attention(q, k, v, bias, scale=attn.scale)
+        gate = to_layer_grid(cond.extra_gate, self.factor)[:, :, :, None]  # [B, 1, Lq, 1]
+        return out * (gate * cond.layer_gates[self.block, EXTRA_GATE])
+
+
+class SelfAttentionProcessor(_ConditionedProcessor):
+    """Self-attention, optionally blended with mutual attention over other batch rows.
+
+    Mutual attention (MasaCtrl, MCA-Ctrl's SALQ and SAGI): for each softmax group g, row b attends with
+    the queries of row q_index[g, b] to the keys and values of row kv_index[g, b], restricted to the keys
+    its key mask allows; the groups' outputs are summed with per-query gates. The block's
+    `layer_gates` value blends plain (0) and mutual (1) attention.
+    """
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         out = masked_attention(q, k, v, scale=attn.scale)
         if "mutual" in self.features:
-            blend = conditioning.layer_gates[self.block, MUTUAL_GATE]
-            out = out + blend * (self._mutual(attn, q, k, v, conditioning) - out)
-        return _output(attn, out)
+            blend = cond.layer_gates[self.block, MUTUAL_GATE]
+            out = out + blend * (self._mutual(attn, q, k, v, cond) - out)
+        return out
 
     def _mutual(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         groups, batch = cond.kv_index.shape
