@@ -1,10 +1,17 @@
 """Shared fixtures: tiny-preset exports and composers are made once per test session and reused."""
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its CPU interpreter. The variable must be set before anything
+# imports triton, and test modules collected early (export, runtime) import it indirectly.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 logging.getLogger("vgrt").setLevel(logging.WARNING)
 
@@ -13,8 +20,6 @@ logging.getLogger("vgrt").setLevel(logging.WARNING)
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP threads
     waiting on each other made a tiny torch UNet call 50x slower (1.1 s instead of 22 ms)."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

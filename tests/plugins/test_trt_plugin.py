@@ -1,12 +1,14 @@
 """The TensorRT plugin of MaskedAttention, without TensorRT: its declared identity, its registration
 (against a stand-in of the documented `tensorrt.plugin` API), its kernel under Triton's CPU interpreter,
-and its AOT PTX (compiled for sm_90 and assembled by ptxas, no GPU needed)."""
+and its AOT PTX (compiled for sm_90 and assembled by ptxas, no GPU needed).
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is defined: must be set before triton is used
+Kernels run in child processes: Triton fixes interpreted or compiled mode when it is first imported,
+and this process may have imported it either way before these tests run.
+"""
 
 import inspect
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,7 @@ import torch
 pytest.importorskip("triton")
 
 from vgrt.errors import InvalidInputError, MissingDependencyError, VgrtError
-from vgrt.plugins.masked_attention import NODE_DOMAIN, NODE_TYPE, NODE_VERSION, masked_attention, trt_plugin
+from vgrt.plugins.masked_attention import NODE_DOMAIN, NODE_TYPE, NODE_VERSION, trt_plugin
 from vgrt.plugins.masked_attention.trt_plugin import (
     MASKED_ATTENTION,
     CompiledKernel,
@@ -173,29 +175,64 @@ def test_aot_launch_is_the_launch_the_jit_path_makes(registered, monkeypatch):
 
 # --- the kernel, under Triton's CPU interpreter ----------------------------------------------------
 
+
+def _run_child(script: str, interpret: bool) -> dict:
+    """Run `script` in a fresh Python with or without Triton's interpreter; return the JSON it prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env)
+    if result.returncode != 0 and "No module named 'triton.backends.nvidia" in result.stderr:
+        pytest.skip("this triton has no NVIDIA backend")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 B, H, LQ, LK = 2, 3, 70, 45  # LQ spans two query tiles, the second partial; LK two key tiles
+BIAS_SHAPES = [(B, 1, 1, LK), (B, 1, LQ, LK), (1, 1, 1, LK), (B, H, LQ, LK), (1, H, 1, LK)]
+DTYPES = ["float32", "float16"]
+
+INTERPRETED_SCRIPT = f"""
+    import json
+    import torch
+    from vgrt.plugins.masked_attention import masked_attention
+    from vgrt.plugins.masked_attention.trt_plugin import launch_plugin_kernel
+
+    B, H, LQ, LK = {B}, {H}, {LQ}, {LK}
+    report = {{}}
+    for dtype_name in {DTYPES!r}:
+        dtype = getattr(torch, dtype_name)
+        for bias_shape in {BIAS_SHAPES!r}:
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, H, length, 40).to(dtype) for length in (LQ, LK, LK))
+            bias = torch.randn(bias_shape).masked_fill(torch.rand(bias_shape) < 0.3, float("-inf"))
+            if bias_shape[2] == LQ:
+                bias[..., 0, :] = float("-inf")  # a query row with no allowed key: zeros, not NaN
+            elif bias_shape[0] == B:
+                bias[1] = float("-inf")  # a batch row with no allowed key at all
+            bias = bias.to(dtype)
+            out = torch.empty_like(q)
+            launch_plugin_kernel(q, k, v, bias, out)
+            expected = masked_attention(q.float(), k.float(), v.float(), bias.float(), scale=1.0)
+            tolerance = 1e-4 if dtype == torch.float32 else 2e-3
+            try:
+                torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)  # NaN fails too
+                report[f"{{dtype_name}}-{{bias_shape}}"] = None
+            except AssertionError as err:
+                report[f"{{dtype_name}}-{{bias_shape}}"] = str(err)
+    print(json.dumps(report))
+"""
 
 
-@pytest.mark.parametrize("bias_shape", [(B, 1, 1, LK), (B, 1, LQ, LK), (1, 1, 1, LK), (B, H, LQ, LK), (1, H, 1, LK)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_kernel_matches_the_reference_for_every_bias_broadcast(dtype, bias_shape):
-    torch.manual_seed(0)
-    q, k, v = (
-        torch.randn(B, H, LQ, 40).to(dtype),
-        torch.randn(B, H, LK, 40).to(dtype),
-        torch.randn(B, H, LK, 40).to(dtype),
-    )
-    bias = torch.randn(bias_shape).masked_fill(torch.rand(bias_shape) < 0.3, float("-inf"))
-    if bias_shape[2] == LQ:
-        bias[..., 0, :] = float("-inf")  # a query row with no allowed key: zeros, not NaN
-    elif bias_shape[0] == B:
-        bias[1] = float("-inf")  # a batch row with no allowed key at all
-    bias = bias.to(dtype)
-    out = torch.empty_like(q)
-    launch_plugin_kernel(q, k, v, bias, out)
-    expected = masked_attention(q.float(), k.float(), v.float(), bias.float(), scale=1.0)
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)  # NaN would fail
+@pytest.fixture(scope="module")
+def interpreted():
+    return _run_child(INTERPRETED_SCRIPT, interpret=True)
+
+
+@pytest.mark.parametrize("bias_shape", BIAS_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_the_reference_for_every_bias_broadcast(interpreted, dtype, bias_shape):
+    assert interpreted[f"{dtype}-{bias_shape}"] is None
 
 
 def test_kernel_refuses_what_tensorrt_never_hands_it():
@@ -224,8 +261,7 @@ def test_trim_keeps_the_launch_contract_and_refuses_to_drop_a_read_parameter():
         trim_entry_parameters(ptx, "k", 0)
 
 
-AOT_SCRIPT = textwrap.dedent(
-    """
+AOT_SCRIPT = """
     import json, re, subprocess, sys, tempfile
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -251,21 +287,12 @@ AOT_SCRIPT = textwrap.dedent(
             "shared": kernel.shared_memory, "ptxas": assembled.returncode, "ptxas_err": assembled.stderr[-300:],
         }
     print(json.dumps(report))
-    """
-)
+"""
 
 
 @pytest.fixture(scope="module")
 def aot_kernels():
-    """Compile in a fresh process: this one runs Triton's interpreter, which cannot emit PTX."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env)
-    if result.returncode != 0 and "No module named 'triton.backends.nvidia" in result.stderr:
-        pytest.skip("this triton has no NVIDIA backend")
-    assert result.returncode == 0, result.stderr[-2000:]
-    import json
-
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return _run_child(AOT_SCRIPT, interpret=False)  # the interpreter cannot emit PTX
 
 
 @pytest.mark.parametrize("variant", ["fp16-16", "fp16-40", "fp16-160", "bf16-64", "fp32-64"])

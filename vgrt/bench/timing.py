@@ -52,14 +52,16 @@ def measure(
         gc.enable()
     reference = outputs.get(baseline)
     return tuple(
-        Measurement(
-            c.name,
-            c.backend,
-            tuple(samples[c.name]),
-            None if reference is None or c.name == baseline else (outputs[c.name] - reference).abs().max().item(),
-        )
+        Measurement(c.name, c.backend, tuple(samples[c.name]), _max_abs_diff(outputs.get(c.name), reference))
         for c in competitors
     )
+
+
+def _max_abs_diff(output: torch.Tensor | None, reference: torch.Tensor | None) -> float | None:
+    """None for the baseline itself (compared with nothing) or when there was no warm-up output."""
+    if output is None or reference is None or output is reference:
+        return None
+    return (output - reference).abs().max().item()
 
 
 def _rotated(competitors: Sequence[Competitor], shift: int) -> list[Competitor]:
