@@ -17,12 +17,12 @@ def test_unknown_suite_lists_the_suites_and_why_compose_cannot_run(capsys, tmp_p
     err = bench_error(capsys, tmp_path, "speed")
     assert "unknown bench suite 'speed'" in err
     assert "unet (" in err and "attention (" in err and "export (" in err
-    assert "compose (unavailable: it needs the runtime" in err
+    assert "compose (unavailable: not built yet" in err
 
 
 def test_compose_is_listed_as_unavailable(capsys, tmp_path):
     err = bench_error(capsys, tmp_path, "compose")
-    assert "the compose suite cannot run: it needs the runtime" in err
+    assert "the compose suite cannot run: not built yet" in err
     assert "runnable suites: unet, attention, export" in err
 
 

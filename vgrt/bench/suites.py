@@ -43,7 +43,7 @@ SUITES: dict[str, Suite] = {
         "compose",
         "end-to-end composition per method (inversion, denoising, guidance steps)",
         None,
-        unavailable="it needs the runtime (vgrt.runtime: samplers, methods, pipeline), which has not landed yet",
+        unavailable="not built yet (the methods it would time, MCA-Ctrl and LocRef, have landed)",
     ),
 }
 
