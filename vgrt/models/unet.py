@@ -11,7 +11,6 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from vgrt.models.conditioning import Conditioning
-from vgrt.models.features import GATED
 from vgrt.models.presets import Preset, get_preset
 from vgrt.models.processors import CrossAttentionProcessor, SelfAttentionProcessor
 from vgrt.models.source import ModelSource
@@ -71,10 +70,6 @@ class ConditionedUNet(nn.Module):
         self.num_blocks = len(transformer_blocks(unet))
         if features:
             unet.set_attn_processor(build_processors(unet, features, seed))
-
-    @property
-    def uses_layer_gates(self) -> bool:
-        return any(f in self.features for f in GATED)
 
     def forward(
         self,
