@@ -21,7 +21,8 @@ def additive_bias(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return bias.to(dtype)
 
 
-def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The shape contract every form of the operator shares (the Triton kernel checks it too)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise InvalidInputError(
             f"masked_attention takes 4-D q, k, v as [B, H, L, D]; got q {tuple(q.shape)}, "
@@ -56,7 +57,7 @@ def masked_attention(
         bias: additive float bias or bool mask (True = attend), broadcastable to [B, H, Lq, Lk].
         scale: score scale; default 1/sqrt(D).
     """
-    _check_shapes(q, k, v, bias)
+    check_shapes(q, k, v, bias)
     q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
     bias = additive_bias(bias, q.dtype)
     if bias is None:

@@ -17,7 +17,7 @@ import torch
 
 from vgrt._lazy import require
 from vgrt.errors import InvalidInputError
-from vgrt.plugins.masked_attention.reference import _check_shapes
+from vgrt.plugins.masked_attention.reference import check_shapes
 
 # Tile sizes, fixed so that callers can build block masks that match the kernel's tiling. BLOCK_N is
 # small for a fine skip granularity and so that head size 160 (padded to 256) still fits in registers.
@@ -113,7 +113,7 @@ def _out_shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _check(q, k, v, bias, block_mask) -> None:
     """What the kernel supports beyond the reference's shape contract, checked before any launch."""
-    _check_shapes(q, k, v, bias)
+    check_shapes(q, k, v, bias)
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InvalidInputError(
             f"masked_attention_triton takes q, k, v of one dtype among fp16, bf16, fp32; got q {q.dtype}, "
