@@ -42,6 +42,7 @@ class Composer:
     cache: Path | None = None
     progress: bool = True
     _runners: dict[tuple[str, str], Runner] = field(default_factory=dict, repr=False)
+    _modules: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -73,6 +74,24 @@ class Composer:
             directory = cached_export(settings, self.cache)
             self._runners[key] = open_runner(directory, component, self.backend).activate()
         return self._runners[key]
+
+    def module(self, component: str, features: str = "none") -> torch.nn.Module:
+        """The PyTorch module of `component` (fp32, eval, CPU, parameters frozen) for the steps that need
+        gradients, which engines do not give; the same weights the engines were exported from."""
+        from vgrt.export.components import build_component
+        from vgrt.models.features import parse_features
+
+        key = (component, features if component == "unet" else "")
+        if key not in self._modules:
+            built = build_component(component, self.source, parse_features(key[1] or "none"), "fp32")
+            self._modules[key] = built.module.eval().requires_grad_(False)
+        return self._modules[key]
+
+    def open(self, *components: str) -> None:
+        """Export (on first use) and open these encoder/adapter runners now, so a method's stage timer
+        measures inference and not a first-use export."""
+        for component in components:
+            self.runner(component)
 
     def close(self) -> None:
         for runner in self._runners.values():

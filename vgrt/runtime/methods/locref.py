@@ -111,6 +111,7 @@ def compose(composer: Composer, request: LocRefRequest) -> Composition:
     request.validate()
     composer.check_image_size(request.width, request.height)
     unet = composer.runner("unet", FEATURES)
+    composer.open("text_encoder", "image_encoder", "appearance_net", "vae_decoder")
     times = StageTimes()
     f = composer.preset.vae_factor
     latent_hw = (request.height // f, request.width // f)

@@ -107,6 +107,7 @@ def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
     height, width = request.condition.shape[2:]
     composer.check_image_size(width, height)
     unet = composer.runner("unet", FEATURES)
+    composer.open("vae_encoder", "text_encoder", "vae_decoder")
     times = StageTimes()
     branches = _layout(request.mode)
     rows = branches.target + 1
