@@ -68,3 +68,29 @@ def test_locref_from_the_command_line(examples, tmp_path, composer_cache, capsys
     assert main([*base, "--box", "0,0,8,8", "--out", str(tmp_path / "bad.png")]) == 2
     assert "1 reference images but 2 boxes" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_aicomposer_from_the_command_line(examples, tmp_path, composer_cache, capsys):
+    base = ["compose", "aicomposer", "--foreground", str(examples / "subject.png"),
+            "--foreground-mask", str(examples / "subject_mask.png"), "--background", str(examples / "scene.png"),
+            "--steps", "4", "--cache", str(composer_cache)]  # fmt: skip
+    assert main([*base, "--placement-mask", str(examples / "region_mask.png"), "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*base, "--box", "4,4,20,20", "--size", "64x64", "--out", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "a.png").size == (32, 32) and Image.open(tmp_path / "b.png").size == (64, 64)
+    assert main([*base, "--box", "4,4,40,20", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "outside the 32x32 image" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_vcf_from_the_command_line(examples, tmp_path, composer_cache, capsys):
+    base = ["compose", "vcf", "--prompt", "a fox in this style", "--steps", "2", "--cache", str(composer_cache)]
+    reference = ["--reference", str(examples / "subject.png")]
+    assert main([*base, *reference, "--pno-steps", "1", "--out", str(tmp_path / "vcf.png")]) == 0
+    assert Image.open(tmp_path / "vcf.png").size == (32, 32)
+    assert "pno" in capsys.readouterr().out
+    bad = tmp_path / "bad.png"
+    assert main([*base, "--reference", str(examples / "box.txt"), "--out", str(bad)]) == 2
+    assert "box.txt' is not a readable image" in capsys.readouterr().err
+    assert main([*base, *reference, "--pno-steps", "1", "--pno-lr", "nan", "--out", str(bad)]) == 2
+    assert "lr_prompt must be a finite number > 0, got nan" in capsys.readouterr().err
+    assert not bad.exists()

@@ -3,14 +3,14 @@
 import argparse
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, steps: int = 50) -> None:
     parser.add_argument("--out", required=True, help="output image (.png or .jpg); written only on success")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
     parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
     parser.add_argument("--weights", help="local diffusers folder with real weights (unet/, vae/, text_encoder/, tokenizer/)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (methods that start from noise)")
     parser.add_argument("--size", help="WxH to resize the inputs to, e.g. 512x512 (default: the images' size)")
     parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
 
@@ -25,11 +25,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mca.add_argument("--mode", default="edit", choices=("edit", "generate"))
     mca.add_argument("--prompt", default="", help="text for the target branch")
     _common(mca)
+    aic = methods.add_parser("aicomposer", help="AIComposer: a foreground object placed into a background image")
+    aic.add_argument("--foreground", required=True, help="image holding the object")
+    aic.add_argument("--foreground-mask", required=True, help="mask of the object in its image (non-zero = inside)")
+    aic.add_argument("--background", required=True, help="scene image the object goes into")
+    place = aic.add_mutually_exclusive_group(required=True)
+    place.add_argument("--placement-mask", help="mask on the background whose bounding box receives the object")
+    place.add_argument("--box", help="x0,y0,x1,y1 on the background (pixels, after --size) that receives the object")
+    aic.add_argument("--prompt", default="", help="text for the image-token steps")
+    _common(aic, steps=20)
     loc = methods.add_parser("locref", help="LocRef-Diffusion: reference images placed in boxes, from a prompt")
     loc.add_argument("--prompt", required=True)
     loc.add_argument("--reference", action="append", required=True, help="reference image; repeat, one per --box")
     loc.add_argument("--box", action="append", required=True, help="x0,y0,x1,y1 in output pixels; one per --reference")
     _common(loc)
+    vcf = methods.add_parser("vcf", help="Visual Concept Fusion: a prompt plus a reference image's CLIP tokens")
+    vcf.add_argument("--prompt", required=True)
+    vcf.add_argument("--reference", required=True, help="image whose style, colours and content guide the prompt")
+    vcf.add_argument("--fusion", default="concat", choices=("concat", "blend", "xattn"), help="default: concat")
+    vcf.add_argument("--alpha", type=float, default=0.1, help="image weight of blend and xattn fusion")
+    vcf.add_argument("--tokens", default="all", choices=("all", "patches", "cls"), help="CLIP image tokens to fuse")
+    vcf.add_argument("--pno-steps", type=int, default=0, help="Prompt-Noise Optimization iterations (0: off)")
+    vcf.add_argument("--pno-lr", type=float, default=1e-2, help="PNO learning rate of the text embedding and noise")
+    _common(vcf)
+    vcf.set_defaults(guidance=9.0)  # the VCF code's default scale
+    vp = methods.add_parser("visual-prompts", help="object-level visual prompts: objects given as images, composed")
+    vp.add_argument("--object", action="append", required=True, help="object image; repeat, one per object")
+    vp.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1 in output pixels, one per --object "
+                    "(default: the layout of a first pass)")  # fmt: skip
+    vp.add_argument("--prompt", default="", help="text for the composition")
+    vp.add_argument("--guidance-steps", type=int, default=5, help="gradient steps on the objects' appearance tokens")
+    vp.add_argument("--guidance-lr", type=float, default=0.01, help="learning rate of those steps")
+    _common(vp)
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -70,6 +97,26 @@ def _mca_ctrl(args: argparse.Namespace):
     return mca_ctrl.compose, request, (condition.shape[3], condition.shape[2])
 
 
+def _aicomposer(args: argparse.Namespace):
+    from vgrt.runtime.images import Box, load_image, load_mask
+    from vgrt.runtime.methods import aicomposer
+
+    size = _size(args.size)
+    foreground, foreground_mask = _image_and_mask(args.foreground, args.foreground_mask, None, "foreground")
+    background = load_image(args.background, size)
+    width, height = background.shape[3], background.shape[2]
+    if args.box is not None:
+        placement = Box.parse(args.box).mask(width, height)
+    elif size is None:
+        placement = load_mask(args.placement_mask, (width, height), name="placement mask")
+    else:
+        _, placement = _image_and_mask(args.background, args.placement_mask, size, "placement")
+    request = aicomposer.AIComposerRequest(
+        foreground, foreground_mask, background, placement, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance
+    )
+    return aicomposer.compose, request, (width, height)
+
+
 def _locref(args: argparse.Namespace):
     from vgrt.errors import InvalidInputError
     from vgrt.runtime.images import Box, load_image
@@ -86,7 +133,40 @@ def _locref(args: argparse.Namespace):
     return locref.compose, request, (width, height)
 
 
-METHODS = {"mca-ctrl": _mca_ctrl, "locref": _locref}
+def _vcf(args: argparse.Namespace):
+    from vgrt.runtime.images import load_image
+    from vgrt.runtime.methods import vcf
+    from vgrt.runtime.methods.pno import PnoSettings
+
+    reference = load_image(args.reference)
+    width, height = _size(args.size) or (reference.shape[3], reference.shape[2])
+    pno = None
+    if args.pno_steps != 0:
+        pno = PnoSettings(iterations=args.pno_steps, lr_prompt=args.pno_lr, lr_noise=args.pno_lr, seed=args.seed)
+    request = vcf.VcfRequest(
+        args.prompt, reference, width, height, fusion=args.fusion, alpha=args.alpha, tokens=args.tokens,
+        steps=args.steps, guidance_scale=args.guidance, seed=args.seed, pno=pno,
+    )  # fmt: skip
+    return vcf.compose, request, (width, height)
+
+
+def _visual_prompts(args: argparse.Namespace):
+    from vgrt.models.presets import get_preset
+    from vgrt.runtime.images import Box, load_image
+    from vgrt.runtime.methods import visual_prompts
+
+    objects = tuple(load_image(path) for path in args.object)
+    preset = get_preset(args.preset)
+    native = preset.profile.latent.opt * preset.vae_factor
+    width, height = _size(args.size) or (native, native)
+    request = visual_prompts.VisualPromptsRequest(
+        objects, width, height, prompt=args.prompt, boxes=tuple(Box.parse(text) for text in args.box), steps=args.steps,
+        guidance_scale=args.guidance, guidance_steps=args.guidance_steps, guidance_lr=args.guidance_lr, seed=args.seed,
+    )  # fmt: skip
+    return visual_prompts.compose, request, (width, height)
+
+
+METHODS = {"mca-ctrl": _mca_ctrl, "aicomposer": _aicomposer, "locref": _locref, "vcf": _vcf, "visual-prompts": _visual_prompts}
 
 
 def run(args: argparse.Namespace) -> int:

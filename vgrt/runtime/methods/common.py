@@ -10,12 +10,20 @@ import torch.nn.functional as F
 
 from vgrt.errors import InvalidInputError
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass
 class StageTimes:
-    """Wall-clock seconds per stage (encode, invert, denoise, decode), in the order they ran."""
+    """Wall-clock seconds per stage (encode, invert, denoise, decode), in the order they ran.
+
+    spans: (stage, start, end) perf_counter readings of every timed block, so a tool can attribute work
+    done inside a stage to it (`vgrt bench compose` charges each UNet call to its stage this way).
+    """
 
     seconds: dict[str, float] = field(default_factory=dict)
+    spans: list[tuple[str, float, float]] = field(default_factory=list)
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -23,7 +31,9 @@ class StageTimes:
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+            ended = time.perf_counter()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + ended - started
+            self.spans.append((stage, started, ended))
 
 
 @dataclass
@@ -43,6 +53,18 @@ def dilate(mask: torch.Tensor, iterations: int, kernel: int = 3) -> torch.Tensor
     for _ in range(iterations):
         mask = F.max_pool2d(mask, kernel, stride=1, padding=kernel // 2)
     return mask
+
+
+def erode(mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Binary erosion with a square kernel (odd; 1 leaves the mask as it is)."""
+    return -F.max_pool2d(-mask, kernel, stride=1, padding=kernel // 2)
+
+
+def clip_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> CLIP-normalized [B, 3, size, size] (bicubic, as CLIP's preprocessing)."""
+    pixels = F.interpolate((image + 1) / 2, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def check_pair(image: torch.Tensor, mask: torch.Tensor, name: str) -> None:

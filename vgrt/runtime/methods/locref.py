@@ -23,13 +23,11 @@ from vgrt.errors import InvalidInputError
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.images import Box
-from vgrt.runtime.methods.common import Composition, StageTimes
+from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
 FEATURES = "extra_tokens,regions"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 POOLED_GRID = 2  # patch tokens pooled to a 2x2 grid, plus the class token: 5 tokens per image
 
 
@@ -61,13 +59,6 @@ class LocRefRequest:
         for box in self.boxes:
             box.check_inside(self.width, self.height)
         SamplingSettings(steps=self.steps, guidance_scale=self.guidance_scale)
-
-
-def clip_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
-    """[1, 3, H, W] in [-1, 1] -> CLIP-normalized [1, 3, size, size] (bicubic, as CLIP's preprocessing)."""
-    pixels = F.interpolate((image + 1) / 2, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
 
 
 def image_tokens(composer: Composer, images: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""AIComposer (ICCV 2025, arXiv 2507.20721): put a foreground object into a background image.
+
+Follows the released code (sherlhw/AIComposer: `demo.py`, `model/sdxl.py`, `model/sdxl_inversion.py`,
+`model/sdxl_utils/attention_processor.py`), which differs from the paper's text in places:
+- Placement: the foreground mask is eroded, its box cropped and resized into the placement box and
+  pasted (the placed foreground mask); the code dilates it by 50 px at 1024 px into the edit region.
+  Kernels scale with the image size here.
+- Image tokens: IP-Adapter projection of the CLIP image embeds of the foreground crop (content) and of
+  the background (style), each with the projection of zeros as its unconditional tokens, fused by the
+  MLP as `content + style - mlp(content, style)` over all 8 tokens; the first 4 are the conditional, the
+  last 4 the unconditional image tokens. In the code these fused tokens are the only image tokens and
+  only foreground queries attend to them (the paper speaks of background queries attending to fused
+  features: not what the code does). They act on every cross-attention layer, both guidance halves, only
+  in the step window [inversion_steps, image_token_end], together with the text prompt; outside it both
+  halves see the "exceptional prompt" (every token id 7788) without image tokens.
+- Inversion: the foreground latent is AdaIN-normalized in the placed region to the background's
+  statistics (epsilon 1), both are decoded and pasted in pixels, the paste is re-encoded and
+  DDIM-inverted with the exceptional prompt, no guidance, for only the first `inversion_steps` steps
+  (10 of 20); sampling starts from there with DPM-Solver++. On steps up to adain_end the latent's
+  placed region is normalized again toward its own background (epsilon 0.1), and after every step the
+  latent outside the edit region is replaced by the inverted latent of the same level.
+- Not reproduced: the code's "proximal guidance" (a latent pull toward the inversion for t < 400
+  outside an edit mask derived from |cond - uncond|), and its -1e4 text-attention bias on queries
+  outside the edit region, which is a constant per softmax row (no effect in exact arithmetic; in the
+  code's fp16 it only coarsens the rounding). The code runs SDXL; any preset with one text encoder runs
+  here (Composer prompts for SDXL's second encoder are not wired yet).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vgrt.errors import InvalidInputError
+from vgrt.runtime.composer import Composer
+from vgrt.runtime.conditioning import Conditioning, unet_inputs
+from vgrt.runtime.inversion import InversionSettings, invert
+from vgrt.runtime.methods.common import Composition, StageTimes, check_pair, clip_pixels, dilate, erode, to_latent_grid
+from vgrt.runtime.sampling import SamplingSettings, denoise
+from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
+
+FEATURES = "extra_tokens"
+EXCEPTIONAL_TOKEN = 7788  # code: every input id of the "exceptional prompt"
+CODE_SIZE = 1024  # the code's image size; its pixel kernels scale from it
+ERODE_KERNEL, DILATE_KERNEL = 5, 50  # code: cv2 erode 5x5 / dilate 50x50 of the foreground mask
+INVERSION_ADAIN, SAMPLING_ADAIN = 1.0, 0.1  # code: adaptive_latent_normalization epsilons
+
+
+@dataclass(frozen=True)
+class AIComposerRequest:
+    """The foreground [1, 3, h, w] with its mask [1, 1, h, w], the background [1, 3, H, W] and where
+    the foreground goes in it, `placement` [1, 1, H, W] (its bounding box is used). Images in [-1, 1].
+
+    Args:
+        prompt: text for the image-token steps.
+        steps: schedule length (code: 20).
+        inversion_steps: steps inverted and then skipped by sampling (code: 10 of 20).
+        image_token_end: last step that sees the image tokens and the prompt (code: 16 of 20).
+        adain_end: last step whose placed region is re-normalized (code: 14 of 20).
+        The three windows default to the code's fractions of `steps`.
+    """
+
+    foreground: torch.Tensor
+    foreground_mask: torch.Tensor
+    background: torch.Tensor
+    placement: torch.Tensor
+    prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.5
+    inversion_steps: int | None = None
+    image_token_end: int | None = None
+    adain_end: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, fraction in (("inversion_steps", 0.5), ("image_token_end", 0.8), ("adain_end", 0.7)):
+            if getattr(self, name) is None and isinstance(self.steps, int):
+                object.__setattr__(self, name, min(round(self.steps * fraction), self.steps - 1))
+
+    def validate(self) -> None:
+        check_pair(self.foreground, self.foreground_mask, "foreground")
+        check_pair(self.background, self.placement, "placement")
+        SamplingSettings(steps=self.steps, guidance_scale=self.guidance_scale)
+        if not 1 <= self.inversion_steps < self.steps:
+            raise InvalidInputError(
+                f"inversion_steps={self.inversion_steps} must lie in [1, steps={self.steps}): AIComposer inverts "
+                "part of the schedule and samples the rest (steps >= 2)"
+            )
+        for name in ("image_token_end", "adain_end"):
+            value = getattr(self, name)
+            if not self.inversion_steps <= value < self.steps:
+                raise InvalidInputError(
+                    f"{name}={value} must lie in [inversion_steps={self.inversion_steps}, steps={self.steps})"
+                )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Pixel-space inputs at the background's size: the pasted image, the placed (eroded) foreground
+    mask that gates the image tokens, the dilated edit region outside which the background is kept,
+    and the foreground crop the content tokens come from."""
+
+    composite: torch.Tensor  # [1, 3, H, W]
+    foreground_mask: torch.Tensor  # [1, 1, H, W]
+    region: torch.Tensor  # [1, 1, H, W]
+    crop: torch.Tensor  # [1, 3, h', w']
+
+
+def _odd_kernel(code_kernel: int, size: int) -> int:
+    return max(1, round(code_kernel * size / CODE_SIZE)) | 1
+
+
+def _bounds(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    rows, cols = mask[0, 0].any(1).nonzero(), mask[0, 0].any(0).nonzero()
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def place(request: AIComposerRequest) -> Placement:
+    """Crop the foreground to its (eroded) mask and paste it into the placement box."""
+    size = max(request.background.shape[2:])
+    mask = erode(request.foreground_mask, _odd_kernel(ERODE_KERNEL, size))
+    if not mask.any():  # a mask thinner than the kernel: keep it as drawn
+        mask = request.foreground_mask
+    y0, y1, x0, x1 = _bounds(mask)
+    crop, crop_mask = request.foreground[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1]
+    py0, py1, px0, px1 = _bounds(request.placement)
+    box = (py1 - py0, px1 - px0)
+    placed = torch.zeros_like(request.placement)
+    placed[..., py0:py1, px0:px1] = F.interpolate(crop_mask, size=box, mode="nearest")
+    pasted = request.background.clone()
+    pasted[..., py0:py1, px0:px1] = F.interpolate(crop, size=box, mode="bilinear", align_corners=False)
+    composite = torch.lerp(request.background, pasted, placed)
+    region = dilate(placed, 1, _odd_kernel(DILATE_KERNEL, size))
+    return Placement(composite, placed, region, crop)
+
+
+def adaptive_latent_normalization(latent: torch.Tensor, reference: torch.Tensor, inside: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The latent [C, h, w] with its `inside` positions moved toward the per-channel mean and std that
+    `reference` has outside them (AdaIN; epsilon 1 replaces the statistics, 0 leaves them)."""
+    inside = inside.bool()
+    if inside.all():
+        return latent.clone()
+    source, target = latent[:, inside], reference[:, ~inside]
+    normalized = (source - source.mean(1, keepdim=True)) / _std(source) * _std(target) + target.mean(1, keepdim=True)
+    out = latent.clone()
+    out[:, inside] = torch.lerp(source, normalized, epsilon)
+    return out
+
+
+def _std(values: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return (values.var(1, keepdim=True, unbiased=values.shape[1] > 1) + eps).sqrt()
+
+
+def image_tokens(composer: Composer, placement: Placement, background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused (conditional, unconditional) image tokens [1, 4, C] each."""
+    encoder = composer.runner("image_encoder")
+    size = encoder.spec.input("pixel_values").shape[-1]
+    pixels = torch.cat([clip_pixels(placement.crop, size), clip_pixels(background, size)])
+    embeds = encoder.infer({"pixel_values": pixels})["image_embeds"].float()
+    with_zeros = torch.stack([embeds[0], torch.zeros_like(embeds[0]), embeds[1], torch.zeros_like(embeds[1])])
+    ip = composer.runner("image_proj").infer({"image_embeds": with_zeros})["ip_tokens"].float()  # [4, T, C]
+    content, style = torch.cat([ip[0], ip[1]])[None], torch.cat([ip[2], ip[3]])[None]  # [1, 2T, C]: cond ‖ uncond
+    fused = composer.runner("fusion_mlp").infer({"content": content, "style": style})["fused"].float()
+    return fused.chunk(2, dim=1)
+
+
+def exceptional_prompt(composer: Composer) -> torch.Tensor:
+    """Text context of the exceptional prompt [1, L, D]. A vocabulary without id 7788 (tiny presets) uses
+    the same id modulo its ordinary tokens."""
+    encoder = composer.runner("text_encoder")
+    spec = encoder.spec.input("input_ids")
+    ordinary = min(int(spec.value_range[1]) + 1, composer.tokenizer.start)  # the ids below the special tokens
+    token = EXCEPTIONAL_TOKEN if EXCEPTIONAL_TOKEN < ordinary else EXCEPTIONAL_TOKEN % ordinary
+    ids = torch.full((1, spec.shape[1]), token, dtype=torch.int64)
+    return encoder.infer({"input_ids": ids})["last_hidden_state"].float()
+
+
+def _inversion_start(composer: Composer, request: AIComposerRequest, placement: Placement, latent_hw) -> torch.Tensor:
+    """The clean latent that is inverted: the pasted foreground normalized to the background, re-encoded."""
+    background, pasted = composer.encode_images(torch.cat([request.background, placement.composite])).split(1)
+    inside = to_latent_grid(placement.foreground_mask, *latent_hw)
+    pasted = adaptive_latent_normalization(pasted[0], background[0], inside, INVERSION_ADAIN)[None]
+    decoded = composer.decode_latents(torch.cat([background, pasted]))
+    return composer.encode_images(torch.lerp(decoded[:1], decoded[1:], placement.foreground_mask))
+
+
+def invert_placement(composer: Composer, request: AIComposerRequest, placement: Placement, blank: torch.Tensor) -> torch.Tensor:
+    """The partial DDIM inversion of the pasted image: [inversion_steps + 1, 1, C, h, w]."""
+    unet = composer.runner("unet", FEATURES)
+    f = composer.preset.vae_factor
+    latent_hw = (request.background.shape[2] // f, request.background.shape[3] // f)
+    clean = _inversion_start(composer, request, placement, latent_hw)
+    plain = _unet_conditioning(unet.spec, blank, blank, torch.zeros(1, 1, *latent_hw), image_tokens_on=False)
+    return invert(
+        unet, build_scheduler("ddim_inverse", SchedulerSettings.for_preset(composer.preset)), clean, plain,
+        InversionSettings(steps=request.steps, end_step=request.inversion_steps, progress=composer.progress),
+    )  # fmt: skip
+
+
+def _unet_conditioning(spec, context, uncond_context, gate, image_tokens_on: bool, tokens=(None, None)) -> Conditioning:
+    cond_tokens, uncond_tokens = tokens
+    if cond_tokens is None:
+        cond_tokens = uncond_tokens = torch.zeros(1, 1, context.shape[-1])
+    gates = torch.zeros(spec.input("layer_gates").shape)
+    gates[:, 0] = float(image_tokens_on)  # column 0 scales the extra (image) tokens
+    cond = {"encoder_hidden_states": context, "extra_tokens": cond_tokens, "extra_gate": gate, "layer_gates": gates}
+    return Conditioning(cond, {"encoder_hidden_states": uncond_context, "extra_tokens": uncond_tokens})
+
+
+def compose(composer: Composer, request: AIComposerRequest) -> Composition:
+    request.validate()
+    height, width = request.background.shape[2:]
+    composer.check_image_size(width, height)
+    unet = composer.runner("unet", FEATURES)
+    composer.open("vae_encoder", "vae_decoder", "text_encoder", "image_encoder", "image_proj", "fusion_mlp")
+    times = StageTimes()
+    placement = place(request)
+    f = composer.preset.vae_factor
+    latent_hw = (height // f, width // f)
+
+    with times("encode"):
+        empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
+        blank = exceptional_prompt(composer)
+        tokens = image_tokens(composer, placement, request.background)
+    with times("invert"):
+        trajectory = invert_placement(composer, request, placement, blank)
+
+    inside = to_latent_grid(placement.foreground_mask, *latent_hw)
+    keep = to_latent_grid(placement.region, *latent_hw)  # outside it the background is re-pasted
+    conditionings = {
+        True: _unet_conditioning(unet.spec, prompt, empty, inside[None, None], True, tokens),
+        False: _unet_conditioning(unet.spec, blank, blank, inside[None, None], False),
+    }
+    guided = request.guidance_scale > 1
+    feeds = {on: unet_inputs(unet.spec, c, 1, guided, torch.device("cpu")) for on, c in conditionings.items()}
+    last = len(trajectory) - 1
+
+    def before_step(i, t, latents, feed):
+        if i <= request.adain_end:
+            latents[0] = adaptive_latent_normalization(latents[0], latents[0], inside, SAMPLING_ADAIN)
+        feed.update(feeds[i <= request.image_token_end])
+
+    def after_step(i, t, latents):
+        inverted = trajectory[last - (i - request.inversion_steps) - 1]  # the same noise level
+        latents.copy_(torch.lerp(inverted, latents, keep))
+
+    with times("denoise"):
+        latents = denoise(
+            unet, build_scheduler("dpmsolver++", SchedulerSettings.for_preset(composer.preset)), trajectory[-1],
+            conditionings[True],
+            SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale,
+                             start_step=request.inversion_steps, progress=composer.progress),
+            before_step=before_step, after_step=after_step,
+        )  # fmt: skip
+    with times("decode"):
+        image = composer.decode_latents(latents)
+    return Composition(image, latents, times)
