@@ -73,3 +73,16 @@ def test_plain_export_has_no_conditioning_cost(tiny_export):
     assert [i.name for i in model.graph.input] == ["sample", "timestep", "encoder_hidden_states"]
     ops = {n.op_type for n in model.graph.node}
     assert "MaskedAttention" not in ops and "Gather" not in ops and "AveragePool" not in ops
+
+
+def test_session_settings_are_applied_and_keep_parity(tiny_export):
+    directory = tiny_export(features="all")
+    feed = example_feed(directory, seed=404)
+    results = {}
+    for flush in (True, False):
+        with open_runner(directory, backend="onnxruntime", denormals_as_zero=flush, memory_arena=flush) as runner:
+            options = runner.session.get_session_options()
+            assert options.get_session_config_entry("session.set_denormal_as_zero") == str(int(flush))
+            assert options.enable_cpu_mem_arena == flush
+            results[flush] = runner.infer(feed)["noise_pred"]
+    assert relative_error(results[True], results[False]) <= 1e-6
