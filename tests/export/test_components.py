@@ -10,7 +10,9 @@ from vgrt.export.components import parse_components
 from vgrt.export.manifest import read_manifest
 from vgrt.models.presets import get_preset
 
-ENCODERS = ("vae_encoder", "vae_decoder", "text_encoder", "image_encoder", "image_proj", "fusion_mlp", "appearance_net")
+ENCODERS = (
+    "vae_encoder", "vae_decoder", "text_encoder", "image_encoder", "image_proj", "fusion_mlp", "appearance_net", "aligner",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Time the UNet, the masked-attention op or the export on every backend; write JSON and PNG, print a table."""
+"""Time the UNet, the masked-attention op, the export or whole compositions; write JSON and PNG, print a table."""
 
 import argparse
 
@@ -17,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated backends (default: every one available here); torch, the baseline, is always timed",
     )
     parser.add_argument("--batch", help="comma-separated batch sizes (default: the preset's profile opt)")
-    parser.add_argument("--latent", help="comma-separated latent sizes, square (default: the preset's profile opt)")
+    parser.add_argument(
+        "--latent",
+        help="comma-separated latent sizes, square (default: the preset's profile opt); compose: images of "
+        "latent x the VAE factor pixels (sd15: 64 -> 512x512)",
+    )
     parser.add_argument(
         "--features",
         action="append",
@@ -29,9 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads of every backend (default: PyTorch's default)"
     )
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny preset, fewer sizes and repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke run: tiny preset, fewer sizes, repeats and steps"
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON and PNG (default: {DEFAULT_OUT})")
     parser.add_argument("--export-dir", help="unet suite: time this existing export instead of exporting first")
+    parser.add_argument("--methods", help="compose suite: comma-separated methods (default: every one it knows)")
+    parser.add_argument(
+        "--steps", type=int, help="compose suite: schedule length of each composition (default: 20, 3 with --quick)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         quick=args.quick,
         export_dir=args.export_dir,
+        methods=_names(args.methods),
+        steps=args.steps,
     )
     result = run_bench(settings)
     json_path, png_path = write_run(result, args.out)

@@ -49,12 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vcf.add_argument("--pno-lr", type=float, default=1e-2, help="PNO learning rate of the text embedding and noise")
     _common(vcf)
     vcf.set_defaults(guidance=9.0)  # the VCF code's default scale
-    vp = methods.add_parser("visual-prompts", help="object-level visual prompts: objects given as images, composed")
+    vp = methods.add_parser(
+        "visual-prompts", help="object-level visual prompts: objects given as images, composed",
+        description="The output size is --size WxH, by default the preset's native size (512x512 for sd15).",
+    )  # fmt: skip
     vp.add_argument("--object", action="append", required=True, help="object image; repeat, one per object")
     vp.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1 in output pixels, one per --object "
                     "(default: the layout of a first pass)")  # fmt: skip
     vp.add_argument("--prompt", default="", help="text for the composition")
-    vp.add_argument("--guidance-steps", type=int, default=5, help="gradient steps on the objects' appearance tokens")
+    vp.add_argument("--guidance-steps", type=int, default=5, help="gradient steps on the appearance tokens (0: none)")
     vp.add_argument("--guidance-lr", type=float, default=0.01, help="learning rate of those steps")
     _common(vp)
 
@@ -166,7 +169,9 @@ def _visual_prompts(args: argparse.Namespace):
     return visual_prompts.compose, request, (width, height)
 
 
-METHODS = {"mca-ctrl": _mca_ctrl, "aicomposer": _aicomposer, "locref": _locref, "vcf": _vcf, "visual-prompts": _visual_prompts}
+METHODS = {
+    "mca-ctrl": _mca_ctrl, "aicomposer": _aicomposer, "locref": _locref, "vcf": _vcf, "visual-prompts": _visual_prompts,
+}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

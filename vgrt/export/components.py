@@ -7,10 +7,13 @@ from torch import nn
 
 from vgrt.errors import InvalidInputError
 from vgrt.export.encoder_specs import (
+    aligner_spec,
+    appearance_adapter_spec,
     appearance_net_spec,
     fusion_mlp_spec,
     image_encoder_spec,
     image_proj_spec,
+    layout_adapter_spec,
     text_encoder_spec,
     vae_decoder_spec,
     vae_encoder_spec,
@@ -21,7 +24,7 @@ from vgrt.models.source import ModelSource
 
 COMPONENTS = (
     "unet", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2", "image_encoder",
-    "image_proj", "fusion_mlp", "appearance_net",
+    "image_proj", "fusion_mlp", "appearance_net", "aligner", "layout_adapter", "appearance_adapter",
 )  # fmt: skip
 
 
@@ -92,6 +95,9 @@ def build_component(name: str, source: ModelSource, features: frozenset[str], dt
         "image_proj": lambda: _adapter(source, preset, "image_proj", dtype),
         "fusion_mlp": lambda: _adapter(source, preset, "fusion_mlp", dtype),
         "appearance_net": lambda: _adapter(source, preset, "appearance_net", dtype),
+        "aligner": lambda: _adapter(source, preset, "aligner", dtype),
+        "layout_adapter": lambda: _adapter(source, preset, "layout_adapter", dtype),
+        "appearance_adapter": lambda: _adapter(source, preset, "appearance_adapter", dtype),
     }
     if name not in builders or (name == "text_encoder_2" and not preset.text_encoder_2):
         parse_components(name, preset)  # raises with the list of valid names
@@ -123,6 +129,16 @@ def _adapter(source: ModelSource, preset: Preset, name: str, dtype: str) -> Buil
     elif name == "fusion_mlp":
         tokens = 2 * adapters.IP_TOKENS  # cond and uncond tokens, fused together as in the code
         module, spec = adapters.FusionMLP(tokens, preset.context_dim), fusion_mlp_spec(preset, tokens, dtype)
+    elif name == "layout_adapter":  # the paper's linear adapter on the global embedding: IP-Adapter's projection form
+        module = adapters.ImageProjection(image["projection_dim"], preset.context_dim, adapters.OBJECT_TOKENS)
+        spec = layout_adapter_spec(preset, image["projection_dim"], adapters.OBJECT_TOKENS, dtype)
+    elif name == "appearance_adapter":
+        module = adapters.PerceiverResampler(image["hidden_size"], preset.context_dim)
+        grid = 1 + (image["image_size"] // image["patch_size"]) ** 2
+        spec = appearance_adapter_spec(preset, image["hidden_size"], grid, adapters.OBJECT_TOKENS, dtype)
+    elif name == "aligner":
+        module = adapters.ImageToTextAligner(image["hidden_size"], preset.context_dim)
+        spec = aligner_spec(preset, image["hidden_size"], 1 + (image["image_size"] // image["patch_size"]) ** 2, dtype)
     else:
         module = adapters.AppearanceNet(image["hidden_size"], preset.context_dim)
         spec = appearance_net_spec(preset, image["hidden_size"], dtype)

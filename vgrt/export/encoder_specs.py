@@ -88,3 +88,33 @@ def appearance_net_spec(preset: Preset, image_token_dim: int, dtype: str) -> Com
         outputs=(TensorSpec("appearance_tokens", dtype, ("batch", "tokens", preset.context_dim)),),
         dims={"batch": preset.profile.batch, "tokens": preset.profile.extra_tokens},
     )
+
+
+def aligner_spec(preset: Preset, image_token_dim: int, image_tokens: int, dtype: str) -> ComponentSpec:
+    """VCF's aligner: any selection of one image's penultimate tokens (1 to all `image_tokens` of them)."""
+    return ComponentSpec(
+        name="aligner",
+        inputs=(TensorSpec("image_tokens", dtype, ("batch", "tokens", image_token_dim), "CLIP penultimate tokens"),),
+        outputs=(TensorSpec("aligned_tokens", dtype, ("batch", "tokens", preset.context_dim), "in text space"),),
+        dims={"batch": preset.profile.batch, "tokens": Range(1, image_tokens, image_tokens)},
+    )
+
+
+def layout_adapter_spec(preset: Preset, image_embed_dim: int, tokens: int, dtype: str) -> ComponentSpec:
+    """Object-level visual prompts' key source: one object's global CLIP embedding -> its key tokens."""
+    return ComponentSpec(
+        name="layout_adapter",
+        inputs=(TensorSpec("image_embeds", dtype, ("batch", image_embed_dim), "CLIP image embeds, one per object"),),
+        outputs=(TensorSpec("layout_tokens", dtype, ("batch", tokens, preset.context_dim), "key tokens (coarse)"),),
+        dims={"batch": preset.profile.batch},
+    )
+
+
+def appearance_adapter_spec(preset: Preset, token_dim: int, grid: int, tokens: int, dtype: str) -> ComponentSpec:
+    """Object-level visual prompts' value source: one object's CLIP grid tokens -> its value tokens."""
+    return ComponentSpec(
+        name="appearance_adapter",
+        inputs=(TensorSpec("image_tokens", dtype, ("batch", grid, token_dim), "CLIP penultimate-layer tokens"),),
+        outputs=(TensorSpec("appearance_tokens", dtype, ("batch", tokens, preset.context_dim), "value tokens (fine)"),),
+        dims={"batch": preset.profile.batch},
+    )

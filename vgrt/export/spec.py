@@ -235,11 +235,14 @@ def unet_spec(preset: Preset, features: frozenset[str], dtype: str, num_blocks: 
         "batch": p.batch, "height": p.latent, "width": p.latent, "context": p.context,
         "extra": p.extra_tokens, "regions": p.regions, "groups": p.groups,
     }  # fmt: skip
+    outputs = [TensorSpec("noise_pred", dtype, ("batch", config["out_channels"], *latent), preset.prediction_type)]
+    if "probes" in f:
+        outputs.append(TensorSpec("attention_maps", dtype, ("batch", "regions", *latent), "attention share per region"))
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     return ComponentSpec(
         name="unet",
         inputs=tuple(inputs),
-        outputs=(TensorSpec("noise_pred", dtype, ("batch", config["out_channels"], *latent), preset.prediction_type),),
+        outputs=tuple(outputs),
         dims={k: v for k, v in ranges.items() if k in used},
         multiple_of={"height": factor, "width": factor},
     )

@@ -29,6 +29,7 @@ class Conditioning:
     self_key_masks: torch.Tensor | None = None  # [G, B, H, W], 1 = key allowed in group g
     self_out_gates: torch.Tensor | None = None  # [G, B, H, W] per-query weight of group g's output
     layer_gates: torch.Tensor | None = None  # [blocks, 2]: extra-token scale, mutual blend
+    probe_maps: list[torch.Tensor] | None = None  # with `probes`: each cross-attention layer appends [B, R, H, W]
 
 
 def to_layer_grid(mask: torch.Tensor, factor: int) -> torch.Tensor:

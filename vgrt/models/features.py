@@ -15,17 +15,20 @@ FEATURES: dict[str, str] = {
     "regions": "extra tokens restricted to spatial regions: per-query region masks x token-to-region map",
     "mutual": "self-attention with K/V (and Q) gathered from other batch rows in masked softmax groups, "
     "blended by per-query gates (MasaCtrl, MCA-Ctrl)",
+    "probes": "second output attention_maps: each region's share of the extra tokens' attention per latent "
+    "pixel, averaged over heads and cross-attention layers (see vgrt.models.probes)",
 }
-_REQUIRES = {"kv_source": "extra_tokens", "regions": "extra_tokens"}
+_REQUIRES = {"kv_source": "extra_tokens", "regions": "extra_tokens", "probes": "regions"}
+OUTPUTS = ("probes",)  # features that add outputs rather than inputs; 'all' leaves them out
 GATED = ("extra_tokens", "mutual")  # columns of `layer_gates`, in this order
 
 
 def parse_features(text: str | list[str] | tuple[str, ...] | frozenset[str]) -> frozenset[str]:
-    """'all', 'none', or comma-separated names -> a validated feature set."""
+    """'all' (every feature that adds inputs), 'none', or comma-separated names -> a validated feature set."""
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     if names == ["all"]:
-        return frozenset(FEATURES)
+        return frozenset(FEATURES) - frozenset(OUTPUTS)
     if names in ([], ["none"]):
         return frozenset()
     unknown = [n for n in names if n not in FEATURES]

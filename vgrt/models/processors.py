@@ -11,6 +11,7 @@ from torch import nn
 
 from vgrt.errors import InvalidInputError
 from vgrt.models.conditioning import Conditioning, allowed_to_bias, key_mask_bias, region_bias, to_layer_grid
+from vgrt.models.probes import region_attention, to_latent_grid
 from vgrt.plugins.masked_attention import masked_attention
 
 EXTRA_GATE, MUTUAL_GATE = 0, 1  # columns of Conditioning.layer_gates
@@ -71,8 +72,8 @@ class CrossAttentionProcessor(_ConditionedProcessor):
 
     The extra tokens have their own K/V projections and softmax (decoupled cross-attention as in
     IP-Adapter); their output is added times a per-query gate and the block's `layer_gates` scale.
-    Keys may come from a different token set than values (kv_source), and tokens may be restricted to
-    regions (regions).
+    Keys may come from a different token set than values (kv_source), tokens may be restricted to
+    regions (regions), and each region's attention share may be reported (probes).
     """
 
     def __init__(self, features: frozenset[str], block: int, factor: int, context_dim: int, inner_dim: int):
@@ -94,6 +95,9 @@ class CrossAttentionProcessor(_ConditionedProcessor):
         v = _heads(self.to_v_extra(cond.extra_tokens), attn.heads)
         bias = region_bias(cond.region_masks, cond.token_regions, self.factor, q.dtype) if "regions" in self.features else None
         out = masked_attention(q, k, v, bias, scale=attn.scale)
+        if "probes" in self.features:
+            shares = region_attention(q, k, bias, cond.token_regions, attn.scale)
+            cond.probe_maps.append(to_latent_grid(shares, self.factor, *cond.region_masks.shape[-2:]))
         gate = to_layer_grid(cond.extra_gate, self.factor)[:, :, :, None]  # [B, 1, Lq, 1]
         return out * (gate * cond.layer_gates[self.block, EXTRA_GATE])
 

@@ -13,7 +13,8 @@ from vgrt.models.weights import apply_state_dict, find_component_weights, load_s
 # and in which order, never changes any of them.
 _SEED_OFFSETS = {
     "unet": 0, "vae": 101, "text_encoder": 202, "text_encoder_2": 303, "image_encoder": 404,
-    "image_proj": 505, "fusion_mlp": 606, "appearance_net": 707,
+    "image_proj": 505, "fusion_mlp": 606, "appearance_net": 707, "aligner": 808,
+    "layout_adapter": 909, "appearance_adapter": 1010,
 }  # fmt: skip
 
 

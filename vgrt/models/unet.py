@@ -89,18 +89,23 @@ class ConditionedUNet(nn.Module):
         self_key_masks: torch.Tensor | None = None,
         self_out_gates: torch.Tensor | None = None,
         layer_gates: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The noise prediction; with `probes`, also the attention maps (vgrt.models.probes)."""
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.preset.is_sdxl else None
         kwargs = None
+        probe_maps: list[torch.Tensor] | None = [] if "probes" in self.features else None
         if self.features:
             conditioning = Conditioning(
                 key_mask, extra_tokens, extra_key_tokens, extra_gate, region_masks, token_regions,
-                kv_index, q_index, self_key_masks, self_out_gates, layer_gates,
+                kv_index, q_index, self_key_masks, self_out_gates, layer_gates, probe_maps,
             )  # fmt: skip
             kwargs = {"conditioning": conditioning}
-        return self.unet(
+        noise_pred = self.unet(
             sample, timestep, encoder_hidden_states, added_cond_kwargs=added, cross_attention_kwargs=kwargs, return_dict=False
         )[0]
+        if probe_maps is None:
+            return noise_pred
+        return noise_pred, torch.stack(probe_maps).mean(dim=0)
 
 
 def build_unet(source: ModelSource, features: frozenset[str]) -> ConditionedUNet:

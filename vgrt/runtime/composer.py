@@ -7,8 +7,10 @@ Encoders and adapters live in one cached export; each conditioned UNet feature s
 method runs a UNet that carries only the attention work it needs.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +23,10 @@ from vgrt.models.presets import Preset, get_preset
 from vgrt.models.source import ModelSource
 from vgrt.models.tokenizer import PromptTokenizer, load_tokenizer
 
-ENCODERS = "vae_encoder,vae_decoder,text_encoder,image_encoder,image_proj,fusion_mlp,appearance_net"
+ENCODERS = (
+    "vae_encoder,vae_decoder,text_encoder,image_encoder,image_proj,fusion_mlp,appearance_net,aligner,"
+    "layout_adapter,appearance_adapter"
+)
 
 
 @dataclass
@@ -34,6 +39,10 @@ class Composer:
         dtype: 'fp32' or 'fp16' engines.
         cache: export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt).
         progress: show progress bars.
+        runner_options: keyword settings for every runner it opens, as `open_runner` takes them
+            (OrtSettings fields for onnxruntime, e.g. intra_op_threads; device for torch).
+        runner_hook: called with (component, active runner) as each runner opens; the runner it
+            returns is the one used (`vgrt bench compose` wraps the UNet runners to time their calls).
     """
 
     source: ModelSource
@@ -41,6 +50,8 @@ class Composer:
     dtype: str = "fp32"
     cache: Path | None = None
     progress: bool = True
+    runner_options: dict[str, Any] = field(default_factory=dict)
+    runner_hook: Callable[[str, Runner], Runner] | None = None
     _runners: dict[tuple[str, str], Runner] = field(default_factory=dict, repr=False)
     _modules: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict, repr=False)
 
@@ -72,7 +83,8 @@ class Composer:
                 weights=self.source.weights, allow_pickle=self.source.allow_pickle,
             )  # fmt: skip
             directory = cached_export(settings, self.cache)
-            self._runners[key] = open_runner(directory, component, self.backend).activate()
+            runner = open_runner(directory, component, self.backend, **self.runner_options).activate()
+            self._runners[key] = runner if self.runner_hook is None else self.runner_hook(component, runner)
         return self._runners[key]
 
     def module(self, component: str, features: str = "none") -> torch.nn.Module:
@@ -104,21 +116,23 @@ class Composer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _float(self, tensor: torch.Tensor, runner: Runner) -> torch.Tensor:
-        return tensor.to(getattr(torch, runner.spec.inputs[0].dtype))
+    def infer(self, component: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One call of an encoder or adapter: inputs cast to the engine's dtypes (fp16 engines take fp16),
+        float outputs returned as fp32 for the host-side work."""
+        runner = self.runner(component)
+        feed = {name: value.to(getattr(torch, runner.spec.input(name).dtype)) for name, value in inputs.items()}
+        return {name: out.float() if out.is_floating_point() else out for name, out in runner.infer(feed).items()}
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text context [B, 77, D] (the last hidden state, as SD 1.x and 2.x condition on)."""
-        return self.runner("text_encoder").infer({"input_ids": self.tokenizer(prompts)})["last_hidden_state"].float()
+        return self.infer("text_encoder", input_ids=self.tokenizer(prompts))["last_hidden_state"]
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f]."""
-        runner = self.runner("vae_encoder")
-        return runner.infer({"images": self._float(images, runner)})["latents"].float()
+        return self.infer("vae_encoder", images=images)["latents"]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        runner = self.runner("vae_decoder")
-        return runner.infer({"latents": self._float(latents, runner)})["images"].float().clamp(-1, 1)
+        return self.infer("vae_decoder", latents=latents)["images"].clamp(-1, 1)
 
     def check_image_size(self, width: int, height: int) -> None:
         """Refuse image sizes the preset's engines cannot take, before any engine runs."""

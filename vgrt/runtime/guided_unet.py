@@ -29,7 +29,7 @@ class GuidedUNet:
     """Predicts the model output for B latent rows; with guidance_scale > 1 the UNet sees 2B rows.
 
     Args:
-        runner: an active runner whose spec has sample, timestep and one output.
+        runner: an active runner whose spec has sample, timestep and the model output first among its outputs.
         latents: the first step's latents [B, C, h, w]; fixes batch, shape, device.
         timesteps: the run's timesteps, copied once into the spec's timestep dtype.
     """

@@ -152,26 +152,24 @@ def _std(values: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def image_tokens(composer: Composer, placement: Placement, background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused (conditional, unconditional) image tokens [1, 4, C] each."""
-    encoder = composer.runner("image_encoder")
-    size = encoder.spec.input("pixel_values").shape[-1]
+    size = composer.runner("image_encoder").spec.input("pixel_values").shape[-1]
     pixels = torch.cat([clip_pixels(placement.crop, size), clip_pixels(background, size)])
-    embeds = encoder.infer({"pixel_values": pixels})["image_embeds"].float()
+    embeds = composer.infer("image_encoder", pixel_values=pixels)["image_embeds"]
     with_zeros = torch.stack([embeds[0], torch.zeros_like(embeds[0]), embeds[1], torch.zeros_like(embeds[1])])
-    ip = composer.runner("image_proj").infer({"image_embeds": with_zeros})["ip_tokens"].float()  # [4, T, C]
+    ip = composer.infer("image_proj", image_embeds=with_zeros)["ip_tokens"]  # [4, T, C]
     content, style = torch.cat([ip[0], ip[1]])[None], torch.cat([ip[2], ip[3]])[None]  # [1, 2T, C]: cond ‖ uncond
-    fused = composer.runner("fusion_mlp").infer({"content": content, "style": style})["fused"].float()
+    fused = composer.infer("fusion_mlp", content=content, style=style)["fused"]
     return fused.chunk(2, dim=1)
 
 
 def exceptional_prompt(composer: Composer) -> torch.Tensor:
     """Text context of the exceptional prompt [1, L, D]. A vocabulary without id 7788 (tiny presets) uses
     the same id modulo its ordinary tokens."""
-    encoder = composer.runner("text_encoder")
-    spec = encoder.spec.input("input_ids")
+    spec = composer.runner("text_encoder").spec.input("input_ids")
     ordinary = min(int(spec.value_range[1]) + 1, composer.tokenizer.start)  # the ids below the special tokens
     token = EXCEPTIONAL_TOKEN if EXCEPTIONAL_TOKEN < ordinary else EXCEPTIONAL_TOKEN % ordinary
     ids = torch.full((1, spec.shape[1]), token, dtype=torch.int64)
-    return encoder.infer({"input_ids": ids})["last_hidden_state"].float()
+    return composer.infer("text_encoder", input_ids=ids)["last_hidden_state"]
 
 
 def _inversion_start(composer: Composer, request: AIComposerRequest, placement: Placement, latent_hw) -> torch.Tensor:

@@ -63,16 +63,14 @@ class LocRefRequest:
 
 def image_tokens(composer: Composer, images: list[torch.Tensor]) -> torch.Tensor:
     """Appearance tokens [N, 1 + POOLED_GRID**2, C] of N images [1, 3, h, w] of any sizes."""
-    encoder = composer.runner("image_encoder")
-    size = encoder.spec.input("pixel_values").shape[-1]
+    size = composer.runner("image_encoder").spec.input("pixel_values").shape[-1]
     pixels = torch.cat([clip_pixels(image, size) for image in images])
-    tokens = encoder.infer({"pixel_values": pixels})["penultimate_tokens"].float()
+    tokens = composer.infer("image_encoder", pixel_values=pixels)["penultimate_tokens"]
     cls, patches = tokens[:, :1], tokens[:, 1:]
     side = int(patches.shape[1] ** 0.5)
     grid = patches.transpose(1, 2).reshape(len(images), -1, side, side)
     pooled = F.adaptive_avg_pool2d(grid, POOLED_GRID).flatten(2).transpose(1, 2)
-    appearance = composer.runner("appearance_net")
-    return appearance.infer({"image_tokens": torch.cat([cls, pooled], dim=1)})["appearance_tokens"].float()
+    return composer.infer("appearance_net", image_tokens=torch.cat([cls, pooled], dim=1))["appearance_tokens"]
 
 
 def composite(request: LocRefRequest) -> torch.Tensor:

@@ -14,8 +14,9 @@ differs from the paper's text in places; the differences that matter here:
   guidance 1 at half the cost; that is what runs here.
 - Generate mode: branches reference (subject) and target, the target starting from noise. The code
   derives the target mask inside the UNet from accumulated cross-attention maps; this runtime takes
-  the region mask instead (cross-attention probes are not yet exported), and drops the code's soft
-  key bias. SAGI runs on steps (0, 5), SALQ from step 5 on every block.
+  the region mask instead (the `probes` output covers extra-token maps, not the text-token maps
+  this would need), and drops the code's soft key bias. SAGI runs on steps (0, 5), SALQ from step 5
+  on every block.
 """
 
 from dataclasses import dataclass

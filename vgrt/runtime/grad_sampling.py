@@ -1,0 +1,62 @@
+"""Deterministic sampling with gradients: x_T and the text context -> x_0 through the PyTorch UNet.
+
+An engine gives no gradients, so the gradient steps (PNO) sample through the PyTorch module the engine
+was exported from. The math is that of `vgrt.runtime.sampling.denoise` over `GuidedUNet`: one UNet call
+per step with the unconditional rows first, guidance as `lerp(uncond, cond, scale)`, the diffusers
+scheduler's own step. So an engine given the optimised inputs samples what the gradient saw.
+
+With `checkpoint=True` every UNet call runs under `torch.utils.checkpoint` (non-reentrant): its
+activations are recomputed during the backward pass instead of kept, so what autograd holds grows by
+a few latent-sized tensors per step instead of one UNet's activations per step.
+"""
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as checkpointed
+
+from vgrt.errors import InvalidInputError
+from vgrt.runtime.guided_unet import check_guidance_scale
+from vgrt.runtime.schedulers import set_timesteps
+
+
+def sample_with_grad(
+    unet: nn.Module,
+    scheduler,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    steps: int,
+    guidance_scale: float,
+    checkpoint: bool = True,
+) -> torch.Tensor:
+    """Final latents [B, C, h, w] from x_T `noise` under the contexts `cond` and `uncond` [B, L, D].
+
+    `unet(sample, timestep, encoder_hidden_states)` is a PyTorch UNet (ConditionedUNet, or
+    `Composer.module("unet")`); `scheduler` a diffusers scheduler with a deterministic step (DDIM with
+    eta 0). Gradients flow to `noise` and `cond` when they require them; `uncond` must have the length
+    of `cond` (pad it with zero tokens as VCF does). Floats follow `noise`'s dtype.
+    """
+    check_guidance_scale(guidance_scale)
+    guided = guidance_scale > 1.0
+    if guided and uncond.shape != cond.shape:
+        raise InvalidInputError(
+            f"the unconditional context {tuple(uncond.shape)} must have the conditional context's shape "
+            f"{tuple(cond.shape)}: pad the shorter one with zero tokens"
+        )
+    set_timesteps(scheduler, steps)
+    context = torch.cat([uncond, cond]) if guided else cond
+    rows = context.shape[0]
+    latents = noise
+    for t in scheduler.timesteps:
+        sample = torch.cat([latents, latents]) if guided else latents
+        timestep = t.to(noise.dtype).expand(rows)
+        if checkpoint:
+            output = checkpointed(unet, sample, timestep, context, use_reentrant=False)
+        else:
+            output = unet(sample, timestep, context)
+        output = output.to(noise.dtype)
+        if guided:
+            uncond_out, cond_out = output.chunk(2)
+            output = torch.lerp(uncond_out, cond_out, guidance_scale)
+        latents = scheduler.step(output, t, latents, return_dict=False)[0]
+    return latents
