@@ -13,17 +13,10 @@ def bench_error(capsys: pytest.CaptureFixture, tmp_path, *args: str) -> str:
     return capsys.readouterr().err
 
 
-def test_unknown_suite_lists_the_suites_and_why_compose_cannot_run(capsys, tmp_path):
+def test_unknown_suite_lists_the_suites(capsys, tmp_path):
     err = bench_error(capsys, tmp_path, "speed")
     assert "unknown bench suite 'speed'" in err
-    assert "unet (" in err and "attention (" in err and "export (" in err
-    assert "compose (unavailable: not built yet" in err
-
-
-def test_compose_is_listed_as_unavailable(capsys, tmp_path):
-    err = bench_error(capsys, tmp_path, "compose")
-    assert "the compose suite cannot run: not built yet" in err
-    assert "runnable suites: unet, attention, export" in err
+    assert "unet (" in err and "attention (" in err and "export (" in err and "compose (" in err
 
 
 def test_unknown_backend_lists_the_suites_backends(capsys, tmp_path):
@@ -62,6 +55,11 @@ def test_triton_needs_a_gpu(capsys, tmp_path):
         (("unet", "--latent", "60"), "--latent 60 does not fit sd15: latents are multiples of 8 in [32, 128]"),
         (("unet", "--repeats", "0"), "--warmup and --repeats must be >= 1"),
         (("unet", "--export-dir", "/nonexistent"), "is not a complete vgrt export"),
+        (("unet", "--methods", "locref"), "the unet suite does not take --methods"),
+        (("compose", "--methods", "mca-ctrl,dreambooth"), "unknown method(s) 'dreambooth'; choose from: mca-ctrl"),
+        (("compose", "--steps", "0"), "--steps must be >= 1, got 0"),
+        (("compose", "--features", "mutual"), "the compose suite does not take --features"),
+        (("compose", "--backends", "tensorrt"), "unknown backend(s) 'tensorrt' for the compose suite"),
     ],
 )
 def test_bad_options(capsys, tmp_path, args, message):

@@ -25,13 +25,18 @@ class ExportSample:
 
 def export_in_child(out: str | Path, settings: ExportSettings) -> ExportSample:
     """Export `settings` into `out` in a child process; raise VgrtError with its stderr if it fails."""
-    command = [sys.executable, "-m", __name__, str(out), json.dumps(asdict(settings))]
-    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    report = run_child(__name__, [str(out), json.dumps(asdict(settings))], f"the export of {settings}")
+    return ExportSample(report["seconds"], report["peak_rss_bytes"])
+
+
+def run_child(module: str, args: list[str], what: str) -> dict:
+    """Run `python -m module ARGS` and return the JSON of its last stdout line; raise VgrtError with the
+    end of its stderr, naming `what` failed, if it exits non-zero."""
+    done = subprocess.run([sys.executable, "-m", module, *args], check=False, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        raise VgrtError(f"the export of {settings} failed in its child process (exit {done.returncode}):\n{tail}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    return ExportSample(report["seconds"], report["peak_rss_bytes"])
+        raise VgrtError(f"{what} failed in its child process (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _main(out: str, settings_json: str) -> None:

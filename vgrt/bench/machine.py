@@ -5,6 +5,8 @@ import os
 import platform
 import resource
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Versions recorded with every run, where installed.
 _PACKAGES = (
@@ -67,10 +69,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# peak_rss_window resets the kernel's high-water mark; the process's peak before each reset is kept here.
+_peak_before_reset = 0
+
+
 def peak_rss_bytes() -> int:
     """High-water mark of this process's resident memory."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    peak = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    return max(peak, _peak_before_reset)
 
 
 def memory_peaks() -> dict[str, int]:
@@ -81,3 +88,25 @@ def memory_peaks() -> dict[str, int]:
     if torch.cuda.is_initialized():
         peaks["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return peaks
+
+
+@contextmanager
+def peak_rss_window() -> Iterator[dict[str, int]]:
+    """Peak resident memory of this process while the block runs, set in the yielded dict at exit as
+    'peak_rss_bytes'. Linux resets the high-water mark (VmHWM) through /proc/self/clear_refs; where that
+    is not possible the dict stays empty."""
+    global _peak_before_reset
+    found: dict[str, int] = {}
+    before = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        yield found
+        return
+    _peak_before_reset = before
+    yield found
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                found["peak_rss_bytes"] = int(line.split()[1]) * 1024  # reported in kB

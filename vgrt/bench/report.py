@@ -5,7 +5,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vgrt.bench.plot import plot_run
-from vgrt.bench.results import BenchRun
+from vgrt.bench.results import BenchRun, Measurement
 
 
 def write_run(run: BenchRun, out_dir: str | Path) -> tuple[Path, Path]:
@@ -21,12 +21,15 @@ def write_run(run: BenchRun, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def markdown_table(run: BenchRun) -> str:
-    """One row per case and competitor: the case's parameters, median, p90, ratio to PyTorch eager."""
+    """One row per case and competitor: the case's parameters, median, p90, ratio to PyTorch eager;
+    peak memory and the host work per UNet step where a suite measured them."""
     cases = run.output.cases
     params = list(dict.fromkeys(key for case in cases for key in case.params))
     header = [*params, "competitor", "median", "p90", "vs torch", "max |diff|"]
     with_memory = any(m.peak_rss_bytes for case in cases for m in case.measurements)
     header += ["peak RSS"] if with_memory else []
+    with_host = any(m.unet is not None for case in cases for m in case.measurements)
+    header += ["UNet call", "host / step", "host % of UNet call"] if with_host else []
     rows = []
     for case in cases:
         for m in case.measurements:
@@ -38,10 +41,27 @@ def markdown_table(run: BenchRun) -> str:
                 format_seconds(m.p90_s),
                 "-" if ratio is None else f"{ratio:.2f}x",
                 "-" if m.max_abs_diff is None else f"{m.max_abs_diff:.1e}",
-                *([f"{max(m.peak_rss_bytes) / 2**30:.2f} GiB"] if with_memory else []),
+                *([_peak(m)] if with_memory else []),
+                *(_host_columns(m) if with_host else []),
             ])  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _peak(m: Measurement) -> str:
+    return f"{max(m.peak_rss_bytes) / 2**30:.2f} GiB" if m.peak_rss_bytes else "-"
+
+
+def _host_columns(m: Measurement) -> list[str]:
+    """Medians over the samples: one UNet call, the host seconds per step, their ratio in percent."""
+    if m.unet is None:
+        return ["-", "-", "-"]
+    host = m.host_overhead()
+    return [
+        format_seconds(host["unet_call_median_s"]),
+        format_seconds(host["host_per_step_median_s"]),
+        f"{host['host_percent_of_unet_call_median']:.2f}%",
+    ]
 
 
 def format_seconds(seconds: float) -> str:

@@ -10,12 +10,30 @@ from vgrt.bench.settings import BenchSettings
 
 
 @dataclass(frozen=True)
+class UNetWork:
+    """What a composition stage spent in UNet calls, per sample of that stage (the compose suite).
+
+    unet_calls: UNet calls per sample (one per step: guidance is batched into the call).
+    unet_s: seconds inside those calls, per sample.
+    own_s: the stage's own seconds per sample, less any stage timed inside it (gradient steps inside
+        the denoising loop): own_s - unet_s is the stage's host work.
+    """
+
+    unet_calls: int
+    unet_s: tuple[float, ...]
+    own_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Measurement:
     """The timed calls of one competitor in one case.
 
     max_abs_diff: largest |output - baseline output| on the same inputs, proof that the competitors
         computed the same thing (None for the baseline itself, or where there is no output).
-    peak_rss_bytes: per sample, where each sample ran in a process of its own (the export suite).
+    peak_rss_bytes: peak resident memory: per sample where each sample ran in a process of its own (the
+        export suite), or one value for all samples (the compose suite: while the backend's composer was open).
+    unet: for a composition stage that calls the UNet, the calls and their seconds; the rest of the
+        stage's time is host work.
     """
 
     competitor: str
@@ -23,6 +41,7 @@ class Measurement:
     samples_s: tuple[float, ...]
     max_abs_diff: float | None = None
     peak_rss_bytes: tuple[int, ...] = ()
+    unet: UNetWork | None = None
 
     @property
     def median_s(self) -> float:
@@ -31,6 +50,25 @@ class Measurement:
     @property
     def p90_s(self) -> float:
         return float(np.percentile(self.samples_s, 90))
+
+    def host_overhead(self) -> dict[str, Any]:
+        """Host seconds per step (the stage's own seconds outside its UNet calls, per call) and that as a
+        percentage of one UNet call: per sample and their medians."""
+        work = self.unet
+        host = [own - unet for own, unet in zip(work.own_s, work.unet_s)]
+        per_call = [u / work.unet_calls for u in work.unet_s]
+        per_step = [h / work.unet_calls for h in host]
+        percent = [100 * h / u for h, u in zip(host, work.unet_s)]
+        return {
+            "unet_calls": work.unet_calls,
+            "unet_s": list(work.unet_s),
+            "stage_own_s": list(work.own_s),
+            "unet_call_median_s": float(np.median(per_call)),
+            "host_per_step_s": per_step,
+            "host_per_step_median_s": float(np.median(per_step)),
+            "host_percent_of_unet_call": percent,
+            "host_percent_of_unet_call_median": float(np.median(percent)),
+        }
 
 
 @dataclass(frozen=True)
@@ -65,6 +103,8 @@ class Case:
             }
             if m.peak_rss_bytes:
                 entry["peak_rss_bytes"] = list(m.peak_rss_bytes)
+            if m.unet is not None:
+                entry["host_overhead"] = m.host_overhead()
             results.append(entry)
         return {
             "group": self.group,

@@ -12,8 +12,10 @@ DTYPES = ("fp32", "fp16")
 # Option names as the CLI spells them, for messages about options a suite does not take.
 _FLAGS = {
     "presets": "--preset", "batches": "--batch", "latents": "--latent", "features": "--features",
-    "dtypes": "--dtype", "backends": "--backends", "export_dir": "--export-dir",
+    "dtypes": "--dtype", "backends": "--backends", "export_dir": "--export-dir", "methods": "--methods",
+    "steps": "--steps",
 }  # fmt: skip
+COMPOSE_STEPS, QUICK_COMPOSE_STEPS = 20, 3
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ QUICK_TIMING = TimingSettings(warmup=1, repeats=2)
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What one `vgrt bench` run measures. Empty batches/latents mean each preset's profile 'opt' size."""
+    """What one `vgrt bench` run measures. Empty batches/latents mean each preset's profile 'opt' size.
+    methods and steps: the compose suite's methods (names as `vgrt compose` spells them) and schedule length."""
 
     suite: str
     backends: tuple[str, ...] = ()
@@ -43,6 +46,8 @@ class BenchSettings:
     threads: int = 0  # 0: PyTorch's default thread count; ONNX Runtime gets the same number
     quick: bool = False
     export_dir: str | None = None
+    methods: tuple[str, ...] = ()
+    steps: int | None = None
 
 
 def make_settings(
@@ -59,12 +64,14 @@ def make_settings(
     threads: int = 0,
     quick: bool = False,
     export_dir: str | None = None,
+    methods: tuple[str, ...] | None = None,
+    steps: int | None = None,
 ) -> BenchSettings:
     """Checked settings; None means "not given": the suite's default (smaller with `quick`)."""
     spec = get_suite(suite)
     given = {
         "backends": backends, "presets": presets, "batches": batches, "latents": latents,
-        "features": features, "dtypes": dtypes, "export_dir": export_dir,
+        "features": features, "dtypes": dtypes, "export_dir": export_dir, "methods": methods, "steps": steps,
     }  # fmt: skip
     refused = [_FLAGS[name] for name, value in given.items() if value is not None and name not in spec.options]
     if refused:
@@ -96,9 +103,24 @@ def make_settings(
         threads=threads,
         quick=quick,
         export_dir=export_dir,
+        **(_compose_options(methods, steps, quick) if suite == "compose" else {}),
     )
     _check_models(settings)
     return settings
+
+
+def _compose_options(methods: tuple[str, ...] | None, steps: int | None, quick: bool) -> dict:
+    from vgrt.bench.compose_methods import METHODS
+
+    unknown = [m for m in methods or () if m not in METHODS]
+    if unknown:
+        raise InvalidInputError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(METHODS)}")
+    if steps is not None and steps < 1:
+        raise InvalidInputError(f"--steps must be >= 1, got {steps}")
+    return {
+        "methods": tuple(dict.fromkeys(methods)) if methods else tuple(METHODS),
+        "steps": steps or (QUICK_COMPOSE_STEPS if quick else COMPOSE_STEPS),
+    }
 
 
 def _default_presets(suite: str, quick: bool) -> tuple[str, ...]:

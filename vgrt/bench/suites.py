@@ -1,5 +1,4 @@
-"""The benchmark suites `vgrt bench` knows: what each times, which options and backends it takes,
-and, for a suite that cannot run yet, why."""
+"""The benchmark suites `vgrt bench` knows: what each times, and which options and backends it takes."""
 
 from dataclasses import dataclass
 
@@ -8,14 +7,13 @@ from vgrt.errors import InvalidInputError
 
 @dataclass(frozen=True)
 class Suite:
-    """One suite. `module` has `run(settings) -> SuiteOutput`; `unavailable` says why it cannot run."""
+    """One suite. `module` has `run(settings) -> SuiteOutput`."""
 
     name: str
     summary: str
-    module: str | None
+    module: str
     options: frozenset[str] = frozenset()  # BenchSettings fields the suite reads (besides timing)
     backends: tuple[str, ...] = ()
-    unavailable: str | None = None
 
 
 SUITES: dict[str, Suite] = {
@@ -41,27 +39,22 @@ SUITES: dict[str, Suite] = {
     ),
     "compose": Suite(
         "compose",
-        "end-to-end composition per method (inversion, denoising, guidance steps)",
-        None,
-        unavailable="not built yet (the methods it would time, MCA-Ctrl and LocRef, have landed)",
+        "one composition per method end to end: seconds per stage, host work per UNet step",
+        "vgrt.bench.compose_suite",
+        frozenset({"presets", "latents", "backends", "methods", "steps"}),
+        ("torch", "onnxruntime"),
     ),
 }
 
 
 def describe_suites() -> str:
-    """One line per suite, unavailable ones with their reason: for --help and error messages."""
-    return "; ".join(
-        f"{s.name} (unavailable: {s.unavailable})" if s.unavailable else f"{s.name} ({s.summary})"
-        for s in SUITES.values()
-    )
+    """One line per suite: for --help and error messages."""
+    return "; ".join(f"{s.name} ({s.summary})" for s in SUITES.values())
 
 
 def get_suite(name: str) -> Suite:
-    """The runnable suite called `name`; an unknown or unavailable one raises, listing the others."""
+    """The suite called `name`; an unknown one raises, listing the suites."""
     suite = SUITES.get(name)
     if suite is None:
         raise InvalidInputError(f"unknown bench suite {name!r}; the suites are: {describe_suites()}")
-    if suite.unavailable:
-        runnable = ", ".join(s.name for s in SUITES.values() if not s.unavailable)
-        raise InvalidInputError(f"the {name} suite cannot run: {suite.unavailable}; runnable suites: {runnable}")
     return suite

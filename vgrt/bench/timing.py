@@ -37,7 +37,7 @@ def measure(
     """Warm every competitor up, then time `timing.repeats` interleaved rounds of one call each."""
     outputs = {}
     for round_index in range(timing.warmup):
-        for competitor in _rotated(competitors, round_index):
+        for competitor in rotated(competitors, round_index):
             outputs[competitor.name] = competitor.call()
     # Copied now: a runner that reuses its output buffers overwrites them on the next call.
     outputs = {name: out.detach().float().cpu().clone() for name, out in outputs.items()}
@@ -46,7 +46,7 @@ def measure(
     gc.disable()  # a collection inside one timed call would be charged to whichever competitor ran then
     try:
         for round_index in range(timing.repeats):
-            for competitor in _rotated(competitors, round_index):
+            for competitor in rotated(competitors, round_index):
                 samples[competitor.name].append(_time_call(competitor))
     finally:
         gc.enable()
@@ -64,9 +64,11 @@ def _max_abs_diff(output: torch.Tensor | None, reference: torch.Tensor | None) -
     return (output - reference).abs().max().item()
 
 
-def _rotated(competitors: Sequence[Competitor], shift: int) -> list[Competitor]:
-    shift %= len(competitors)
-    return [*competitors[shift:], *competitors[:shift]]
+def rotated(items: Sequence, shift: int) -> list:
+    """The sequence started at index `shift` (mod its length): the order of round `shift` of an
+    interleaved loop (the compose suite rotates its backends the same way)."""
+    shift %= len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def _time_call(competitor: Competitor) -> float:

@@ -1,0 +1,42 @@
+"""Run one method once, for a few steps at the preset's smallest image size, in a fresh process, so that
+every engine it uses is in the export cache before `vgrt bench compose` opens it.
+
+The benchmark process then only opens engines: no first-use export is timed, and the export's peak
+memory (several GB per SD 1.5 feature set) stays out of the benchmark's. Whatever a method exports is
+covered, as the method itself asks for it; exports do not depend on the image size, so the smallest
+keeps this run short and light. One process per method, so one method's leftovers never add to the
+next one's export. The child prints one JSON line: its seconds (mostly export time on a cold cache).
+
+    python -m vgrt.bench.compose_child PRESET BACKEND METHOD
+"""
+
+import json
+import sys
+
+from vgrt.bench.export_child import run_child
+
+STEPS = 2  # the fewest every method takes (AIComposer inverts one step and samples one)
+
+
+def prepare_in_child(preset: str, backend: str, method: str) -> float:
+    """Export (where the cache lacks them) the engines `method` uses on `preset`, in a child process."""
+    return run_child(__name__, [preset, backend, method], f"preparing {method} on {preset} ({backend})")["seconds"]
+
+
+def _main(preset: str, backend: str, method: str) -> None:
+    import time
+
+    from vgrt.bench.compose_methods import METHODS, Inputs
+    from vgrt.models.presets import get_preset
+    from vgrt.runtime.composer import Composer
+
+    model = get_preset(preset)
+    compose, request = METHODS[method](Inputs.make(model.profile.latent.min * model.vae_factor), STEPS)
+    started = time.perf_counter()
+    with Composer.from_preset(preset, backend=backend, progress=False) as composer:
+        compose(composer, request)
+    print(json.dumps({"seconds": time.perf_counter() - started}))
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:])
