@@ -180,7 +180,7 @@ def _stage_measurement(backend: str, records: list[RunRecord], stage: str) -> Me
 
 
 def _describe(request: Any) -> dict[str, Any]:
-    """The request's settings, tensors given by their shape."""
+    """The request's settings, tensors given by their shape, nested settings (PNO's) as dicts."""
     described = {}
     for field in dataclasses.fields(request):
         value = getattr(request, field.name)
@@ -188,5 +188,7 @@ def _describe(request: Any) -> dict[str, Any]:
             value = list(value.shape)
         elif isinstance(value, tuple):
             value = [list(v.shape) if isinstance(v, torch.Tensor) else str(v) for v in value]
+        elif dataclasses.is_dataclass(value):
+            value = _describe(value)
         described[field.name] = value
     return described
