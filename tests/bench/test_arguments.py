@@ -58,6 +58,8 @@ def test_triton_needs_a_gpu(capsys, tmp_path):
         (("unet", "--methods", "locref"), "the unet suite does not take --methods"),
         (("compose", "--methods", "mca-ctrl,dreambooth"), "unknown method(s) 'dreambooth'; choose from: mca-ctrl"),
         (("compose", "--steps", "0"), "--steps must be >= 1, got 0"),
+        (("compose", "--gradient-steps", "0"), "--gradient-steps must be >= 1, got 0"),
+        (("unet", "--gradient-steps", "3"), "the unet suite does not take --gradient-steps"),
         (("compose", "--features", "mutual"), "the compose suite does not take --features"),
         (("compose", "--backends", "tensorrt"), "unknown backend(s) 'tensorrt' for the compose suite"),
     ],

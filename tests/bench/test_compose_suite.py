@@ -1,16 +1,21 @@
 """`vgrt bench compose --quick` on the tiny preset: each method's stages timed on both backends, with the
 host work per UNet step; every method entry's request; and the charging of UNet calls to stages.
 
-The end-to-end run takes MCA-Ctrl (inversion and denoising) and LocRef (denoising alone); the other
-entries are checked up to their validated request, which needs no engine."""
+The end-to-end run takes MCA-Ctrl (inversion and denoising), LocRef (denoising alone) and VCF with two
+PNO iterations (a gradient stage); the other entries are checked up to their validated request, which
+needs no engine."""
 
 import pytest
 
 from tests.bench.helpers import run_bench
-from vgrt.bench.compose_methods import METHODS, Inputs
+from vgrt.bench.compose_methods import METHODS, Inputs, Work, gradient_steps
+from vgrt.bench.compose_suite import BackendRuns, RunRecord, _gradient_shares
 from vgrt.bench.unet_calls import StageCalls, UNetCallLog
+from vgrt.models.presets import get_preset
+from vgrt.runtime.methods.vcf import check_context_fits, fused_length
 
-TIMED = ("mca-ctrl", "locref")
+TIMED = ("mca-ctrl", "locref", "vcf-pno")
+PNO_ITERATIONS = 2
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +23,11 @@ def compose_run(composer_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-compose")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VGRT_CACHE", str(composer_cache))  # the engines the method tests export, shared
-        return run_bench("compose", "--quick", "--backends", "torch,onnxruntime", "--methods", ",".join(TIMED), out=out)
+        methods = ",".join(TIMED)
+        gradient = ("--gradient-steps", str(PNO_ITERATIONS))
+        return run_bench(
+            "compose", "--quick", "--backends", "torch,onnxruntime", "--methods", methods, *gradient, out=out
+        )
 
 
 def cases_of(run: dict, method: str) -> dict[str, dict]:
@@ -39,7 +48,7 @@ def test_every_method_and_stage_has_samples_and_a_ratio_per_backend(compose_run)
                 assert len(result["samples_s"]) == repeats and all(s > 0 for s in result["samples_s"])
                 assert result["ratio_to_torch"] > 0
         assert stages["total"]["results"][1]["max_abs_diff"] < 1e-3  # both backends composed the same latents
-    assert "invert" in cases_of(run, "mca-ctrl")
+    assert "invert" in cases_of(run, "mca-ctrl") and "pno" in cases_of(run, "vcf-pno")
     assert png.name.startswith("compose-tiny-") and png.stat().st_size > 0
     assert "| stage |" in stdout and "host % of UNet call" in stdout
 
@@ -60,13 +69,57 @@ def test_host_overhead_of_the_stages_that_call_the_unet(compose_run):
     assert run["details"]["methods"][f"locref tiny {cases_of(run, 'locref')['total']['params']['image']}"]["request"]
 
 
+def test_gradient_steps_have_their_time_per_step_and_pytorch_share(compose_run):
+    run, _, _ = compose_run
+    repeats = run["settings"]["timing"]["repeats"]
+    image = cases_of(run, "vcf-pno")["total"]["params"]["image"]
+    assert list(run["details"]["gradient"]) == [f"vcf-pno tiny {image}"]  # the other methods have no gradient stage
+    assert run["details"]["methods"][f"vcf-pno tiny {image}"]["request"]["pno"]["iterations"] == PNO_ITERATIONS
+    shares = run["details"]["gradient"][f"vcf-pno tiny {image}"]
+    pno_seconds = {r["backend"]: r["samples_s"] for r in cases_of(run, "vcf-pno")["pno"]["results"]}
+    for backend in ("torch", "onnxruntime"):
+        pno = shares[backend]["pno"]
+        assert pno["steps"] == PNO_ITERATIONS and len(pno["seconds_per_step"]) == repeats
+        assert pno["seconds_per_step"] == pytest.approx([s / PNO_ITERATIONS for s in pno_seconds[backend]])
+        assert all(0 < share < 1 for share in pno["pytorch_share_of_total"])
+
+
 @pytest.mark.parametrize("steps", [2, 20])
 def test_every_method_entry_builds_a_valid_request(steps):
-    inputs = Inputs.make(32)
+    inputs = Inputs.make(get_preset("tiny"), 32)
     for name, build in METHODS.items():
-        compose, request = build(inputs, steps)
+        compose, request = build(inputs, Work(steps))
         assert callable(compose) and request.steps == steps, name
         request.validate()
+
+
+def test_gradient_steps_reach_the_requests_and_are_counted():
+    inputs = Inputs.make(get_preset("tiny"), 32)
+    assert gradient_steps(METHODS["vcf-pno"](inputs, Work(4))[1]) == {"pno": 10}  # PnoSettings' default
+    assert gradient_steps(METHODS["vcf-pno"](inputs, Work(4, gradient_steps=3))[1]) == {"pno": 3}
+    assert gradient_steps(METHODS["visual-prompts"](inputs, Work(4))[1]) == {"guidance": 4}  # capped at the steps
+    assert gradient_steps(METHODS["visual-prompts"](inputs, Work(8, gradient_steps=2))[1]) == {"guidance": 2}
+    for name in ("mca-ctrl", "aicomposer", "locref", "vcf"):
+        assert gradient_steps(METHODS[name](inputs, Work(4, gradient_steps=3))[1]) == {}, name
+
+
+@pytest.mark.parametrize("preset, tokens", [("tiny", "all"), ("sd15", "cls"), ("sd21", "all")])
+def test_the_vcf_entry_fuses_what_the_unet_profile_takes(preset, tokens):
+    model = get_preset(preset)
+    _, request = METHODS["vcf"](Inputs.make(model, 32), Work(2))
+    assert request.tokens == tokens
+    encoder = model.image_encoder
+    image_tokens = (encoder["image_size"] // encoder["patch_size"]) ** 2 + 1
+    check_context_fits(fused_length(request, 77, image_tokens), model.profile.context)
+
+
+def test_gradient_shares_per_step_and_of_the_whole_call():
+    records = [RunRecord(10.0, {"encode": 1.0, "pno": 6.0, "denoise": 3.0}, {}),
+               RunRecord(20.0, {"encode": 1.0, "pno": 15.0, "denoise": 4.0}, {})]  # fmt: skip
+    shares = _gradient_shares({"pno": 3}, {"torch": BackendRuns(records)})
+    pno = shares["torch"]["pno"]
+    assert pno["steps"] == 3 and pno["seconds_per_step"] == [2.0, 5.0] and pno["seconds_per_step_median"] == 3.5
+    assert pno["pytorch_share_of_total"] == [0.6, 0.75] and pno["pytorch_share_of_total_median"] == 0.675
 
 
 def test_unet_calls_are_charged_to_the_innermost_stage_they_started_in():

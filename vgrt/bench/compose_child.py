@@ -26,12 +26,13 @@ def prepare_in_child(preset: str, backend: str, method: str) -> float:
 def _main(preset: str, backend: str, method: str) -> None:
     import time
 
-    from vgrt.bench.compose_methods import METHODS, Inputs
+    from vgrt.bench.compose_methods import METHODS, Inputs, Work
     from vgrt.models.presets import get_preset
     from vgrt.runtime.composer import Composer
 
     model = get_preset(preset)
-    compose, request = METHODS[method](Inputs.make(model.profile.latent.min * model.vae_factor), STEPS)
+    inputs = Inputs.make(model, model.profile.latent.min * model.vae_factor)
+    compose, request = METHODS[method](inputs, Work(STEPS, gradient_steps=1))
     started = time.perf_counter()
     with Composer.from_preset(preset, backend=backend, progress=False) as composer:
         compose(composer, request)

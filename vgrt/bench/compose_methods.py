@@ -1,9 +1,10 @@
 """The methods `vgrt bench compose` times, each as one entry: a request builder on synthetic inputs.
 
-A builder takes the inputs and the step count and returns the method's `compose` function with a
-request; it imports the method module when called, so this module stays light. To add a method, add
-one function and one METHODS entry (its name as `vgrt compose` spells it). The inputs are the images
-of `vgrt examples` (a red disc on a light background, sky over grass, their masks and a box).
+A builder takes the inputs and the work asked for (sampling steps, gradient steps) and returns the
+method's `compose` function with a request; it imports the method module when called, so this module
+stays light. To add a method, add one function and one METHODS entry (its name as `vgrt compose` spells
+it). The inputs are the images of `vgrt examples` (a red disc on a light background, sky over grass,
+their masks and a box) for one preset.
 """
 
 import tempfile
@@ -17,9 +18,20 @@ Compose = Callable[[Any, Any], Any]  # (Composer, request) -> Composition
 
 
 @dataclass(frozen=True)
-class Inputs:
-    """The example images at one square size, as tensors [1, C, size, size]; `box` is the region's box."""
+class Work:
+    """How much one request runs: sampling steps, and gradient steps (PNO's iterations, the guidance
+    steps of visual prompts; None: the method's default)."""
 
+    steps: int
+    gradient_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The example images at one square size, as tensors [1, C, size, size], for one preset; `box` is
+    the region's box."""
+
+    preset: Any  # vgrt.models.presets.Preset
     size: int
     subject: torch.Tensor
     subject_mask: torch.Tensor
@@ -28,7 +40,7 @@ class Inputs:
     box: Any  # vgrt.runtime.images.Box
 
     @classmethod
-    def make(cls, size: int) -> "Inputs":
+    def make(cls, preset: Any, size: int) -> "Inputs":
         from vgrt.runtime.examples import write_examples
         from vgrt.runtime.images import Box, load_image, load_mask
 
@@ -36,6 +48,7 @@ class Inputs:
             files = {path.name: path for path in write_examples(tmp, size)}
             square = (size, size)
             return cls(
+                preset,
                 size,
                 load_image(files["subject.png"]),
                 load_mask(files["subject_mask.png"], square),
@@ -45,28 +58,29 @@ class Inputs:
             )
 
 
-def _mca_ctrl(inputs: Inputs, steps: int) -> tuple[Compose, Any]:
+def _mca_ctrl(inputs: Inputs, work: Work) -> tuple[Compose, Any]:
     from vgrt.runtime.methods import mca_ctrl
 
     request = mca_ctrl.McaCtrlRequest(
         inputs.subject, inputs.subject_mask, inputs.scene, inputs.region_mask, mode="edit", prompt="a red ball",
-        steps=steps,
+        steps=work.steps,
     )  # fmt: skip
     return mca_ctrl.compose, request
 
 
-def _locref(inputs: Inputs, steps: int) -> tuple[Compose, Any]:
+def _locref(inputs: Inputs, work: Work) -> tuple[Compose, Any]:
     from vgrt.runtime.methods import locref
 
     request = locref.LocRefRequest(
-        "a red ball on the grass", (inputs.subject,), (inputs.box,), inputs.size, inputs.size, steps=steps
+        "a red ball on the grass", (inputs.subject,), (inputs.box,), inputs.size, inputs.size, steps=work.steps
     )
     return locref.compose, request
 
 
-def _aicomposer(inputs: Inputs, steps: int) -> tuple[Compose, Any]:
+def _aicomposer(inputs: Inputs, work: Work) -> tuple[Compose, Any]:
     from vgrt.runtime.methods import aicomposer
 
+    steps = work.steps
     inverted = max(1, steps // 2)  # the code's windows, scaled from its 20 steps: inverts 10, tokens to 16, AdaIN to 14
     request = aicomposer.AIComposerRequest(
         inputs.subject, inputs.subject_mask, inputs.scene, inputs.region_mask, prompt="a red ball", steps=steps,
@@ -76,30 +90,54 @@ def _aicomposer(inputs: Inputs, steps: int) -> tuple[Compose, Any]:
     return aicomposer.compose, request
 
 
-def _vcf(inputs: Inputs, steps: int, pno: Any = None) -> tuple[Compose, Any]:
+def _vcf(inputs: Inputs, work: Work, pno: Any = None) -> tuple[Compose, Any]:
     from vgrt.runtime.methods import vcf
 
-    request = vcf.VcfRequest("a red ball on the grass", inputs.subject, inputs.size, inputs.size, steps=steps, pno=pno)
+    request = vcf.VcfRequest(
+        "a red ball on the grass", inputs.subject, inputs.size, inputs.size, tokens=_vcf_tokens(inputs.preset),
+        steps=work.steps, pno=pno,
+    )  # fmt: skip
     return vcf.compose, request
 
 
-def _vcf_pno(inputs: Inputs, steps: int) -> tuple[Compose, Any]:
+def _vcf_tokens(preset: Any) -> str:
+    """Every penultimate image token, as the code concatenates them, where the preset's UNet profile takes
+    that context; else the class token alone (the SD 1.5 and SDXL profiles stop at 154 tokens)."""
+    encoder = preset.image_encoder
+    image_tokens = (encoder["image_size"] // encoder["patch_size"]) ** 2 + 1
+    text_tokens = preset.text_encoder["max_position_embeddings"]
+    return "all" if text_tokens + image_tokens <= preset.profile.context.max else "cls"
+
+
+def _vcf_pno(inputs: Inputs, work: Work) -> tuple[Compose, Any]:
     from vgrt.runtime.methods.pno import PnoSettings
 
-    return _vcf(inputs, steps, PnoSettings())
+    settings = PnoSettings() if work.gradient_steps is None else PnoSettings(iterations=work.gradient_steps)
+    return _vcf(inputs, work, settings)
 
 
-def _visual_prompts(inputs: Inputs, steps: int) -> tuple[Compose, Any]:
+def _visual_prompts(inputs: Inputs, work: Work) -> tuple[Compose, Any]:
     from vgrt.runtime.methods import visual_prompts
 
+    default = visual_prompts.VisualPromptsRequest.guidance_steps
     request = visual_prompts.VisualPromptsRequest(
-        (inputs.subject,), inputs.size, inputs.size, prompt="a red ball on the grass", steps=steps,
-        guidance_steps=min(steps, visual_prompts.VisualPromptsRequest.guidance_steps),
+        (inputs.subject,), inputs.size, inputs.size, prompt="a red ball on the grass", steps=work.steps,
+        guidance_steps=min(work.steps, default if work.gradient_steps is None else work.gradient_steps),
     )  # fmt: skip
     return visual_prompts.compose, request
 
 
-METHODS: dict[str, Callable[[Inputs, int], tuple[Compose, Any]]] = {
+def gradient_steps(request: Any) -> dict[str, int]:
+    """The PyTorch gradient stages a request runs, with their step counts: 'pno' (its iterations) for
+    VCF with PNO, 'guidance' (its steps) for visual prompts; empty for the methods without gradients."""
+    pno = getattr(request, "pno", None)
+    counts = {"pno": pno.iterations} if pno is not None else {}
+    if getattr(request, "guidance_steps", 0):
+        counts["guidance"] = request.guidance_steps
+    return counts
+
+
+METHODS: dict[str, Callable[[Inputs, Work], tuple[Compose, Any]]] = {
     "mca-ctrl": _mca_ctrl,
     "aicomposer": _aicomposer,
     "locref": _locref,

@@ -10,7 +10,9 @@ method runs it for a few steps (compose_child), so the engines are exported and 
 
 Each run records the seconds of every stage the method reports (encode, invert, denoise, decode; a
 gradient stage such as 'pno' or 'guidance' where a method has one) and, through a timing wrapper on the
-UNet runners, the seconds inside the UNet's backend calls of each stage. Host work per step of a stage =
+UNet runners, the seconds inside the UNet's backend calls of each stage. A gradient stage runs in
+PyTorch whatever the backend: its seconds per gradient step and its share of the whole call (the rest
+is the backend's, host glue included) are reported per backend. Host work per step of a stage =
 (the stage's own seconds - seconds inside its UNet calls) / UNet calls, with one UNet call per step
 (guidance is batched into it); own seconds leave out any stage timed inside it, such as gradient steps
 in the denoising loop. It is reported as a share of one UNet call.
@@ -19,6 +21,7 @@ in the denoising loop. It is reported as a share of one UNet call.
 import dataclasses
 import gc
 import logging
+import statistics
 import time
 from typing import Any
 
@@ -27,7 +30,7 @@ import torch
 from vgrt.bench.backends import BASELINE
 from vgrt.bench.compose_child import STEPS as WARMUP_STEPS
 from vgrt.bench.compose_child import prepare_in_child
-from vgrt.bench.compose_methods import METHODS, Compose, Inputs
+from vgrt.bench.compose_methods import METHODS, Compose, Inputs, Work, gradient_steps
 from vgrt.bench.machine import peak_rss_window
 from vgrt.bench.results import Case, Measurement, SuiteOutput, UNetWork
 from vgrt.bench.settings import BenchSettings
@@ -70,11 +73,12 @@ class MethodCase:
 
 
 def run(settings: BenchSettings) -> SuiteOutput:
-    cases, methods, prepared = [], {}, {}
+    cases, methods, prepared, gradients = [], {}, {}, {}
     for preset in settings.presets:
         model = get_preset(preset)
         sizes = [latent * model.vae_factor for latent in settings.latents or (model.profile.latent.opt,)]
-        planned = [_plan(method, size, settings.steps) for size in sizes for method in settings.methods]
+        work = Work(settings.steps, settings.gradient_steps)
+        planned = [_plan(method, model, size, work) for size in sizes for method in settings.methods]
         backend = "onnxruntime" if "onnxruntime" in settings.backends else settings.backends[0]
         for method in settings.methods:
             log.info("preparing the engines of %s on %s (%s)", method, preset, backend)
@@ -83,7 +87,10 @@ def run(settings: BenchSettings) -> SuiteOutput:
             runs = _time_rounds(preset, plan, settings)
             params = {"preset": preset, "method": plan.method, "image": f"{plan.size}x{plan.size}"}
             cases += _cases({**params, "steps": settings.steps}, runs)
-            methods[f"{plan.method} {preset} {plan.size}x{plan.size}"] = {"request": _describe(plan.request)}
+            key = f"{plan.method} {preset} {plan.size}x{plan.size}"
+            methods[key] = {"request": _describe(plan.request)}
+            if gradient_steps(plan.request):
+                gradients[key] = _gradient_shares(gradient_steps(plan.request), runs)
     details = {
         "methods": methods,
         "prepared_in_child_s": prepared,
@@ -92,15 +99,17 @@ def run(settings: BenchSettings) -> SuiteOutput:
         "onnxruntime": {"intra_op_threads": settings.threads, "other settings": "the Composer's defaults"},
         "host_overhead": "per stage with UNet calls: (the stage's own seconds, less stages timed inside it, "
         "- seconds inside the UNet runner's backend calls) / calls; one call per step",
+        "gradient": gradients,
     }
     return SuiteOutput("+".join(settings.presets), tuple(cases), details)
 
 
-def _plan(method: str, size: int, steps: int) -> MethodCase:
-    """The method's requests at `size`, validated before any engine is exported or opened."""
-    inputs = Inputs.make(size)
-    compose, request = METHODS[method](inputs, steps)
-    _, warmup = METHODS[method](inputs, min(steps, WARMUP_STEPS))
+def _plan(method: str, model: Any, size: int, work: Work) -> MethodCase:
+    """The method's requests at `size`, validated before any engine is exported or opened. The warm-up
+    takes fewer sampling steps and one gradient step: the same shapes, so every first call is paid."""
+    inputs = Inputs.make(model, size)
+    compose, request = METHODS[method](inputs, work)
+    _, warmup = METHODS[method](inputs, Work(min(work.steps, WARMUP_STEPS), gradient_steps=1))
     request.validate()
     warmup.validate()
     return MethodCase(method, size, compose, request, warmup)
@@ -177,6 +186,29 @@ def _stage_measurement(backend: str, records: list[RunRecord], stage: str) -> Me
     if calls:
         unet = UNetWork(calls, tuple(w.seconds for w in work), tuple(w.own_seconds for w in work))
     return Measurement(backend, backend, samples, unet=unet)
+
+
+def _gradient_shares(steps: dict[str, int], runs: dict[str, BackendRuns]) -> dict[str, dict[str, Any]]:
+    """Per backend and gradient stage: its steps, seconds per step and share of the whole call, per run
+    and as medians (the share left to the backend, host glue included, is 1 - the PyTorch share)."""
+    shares = {}
+    for backend, backend_runs in runs.items():
+        shares[backend] = {}
+        for stage, count in steps.items():
+            per_step = [record.stages[stage] / count for record in backend_runs.records]
+            share = [record.stages[stage] / record.seconds for record in backend_runs.records]
+            shares[backend][stage] = {
+                "steps": count,
+                "seconds_per_step": per_step,
+                "seconds_per_step_median": statistics.median(per_step),
+                "pytorch_share_of_total": share,
+                "pytorch_share_of_total_median": statistics.median(share),
+            }
+            log.info(
+                "%s %s: %.3f s per step, PyTorch %.0f%% of the whole call", backend, stage,
+                statistics.median(per_step), 100 * statistics.median(share),
+            )  # fmt: skip
+    return shares
 
 
 def _describe(request: Any) -> dict[str, Any]:

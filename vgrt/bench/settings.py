@@ -13,7 +13,7 @@ DTYPES = ("fp32", "fp16")
 _FLAGS = {
     "presets": "--preset", "batches": "--batch", "latents": "--latent", "features": "--features",
     "dtypes": "--dtype", "backends": "--backends", "export_dir": "--export-dir", "methods": "--methods",
-    "steps": "--steps",
+    "steps": "--steps", "gradient_steps": "--gradient-steps",
 }  # fmt: skip
 COMPOSE_STEPS, QUICK_COMPOSE_STEPS = 20, 3
 
@@ -33,7 +33,8 @@ QUICK_TIMING = TimingSettings(warmup=1, repeats=2)
 @dataclass(frozen=True)
 class BenchSettings:
     """What one `vgrt bench` run measures. Empty batches/latents mean each preset's profile 'opt' size.
-    methods and steps: the compose suite's methods (names as `vgrt compose` spells them) and schedule length."""
+    methods, steps, gradient_steps: the compose suite's methods (names as `vgrt compose` spells them),
+    schedule length, and PNO iterations / guidance steps (None: each method's default)."""
 
     suite: str
     backends: tuple[str, ...] = ()
@@ -48,6 +49,7 @@ class BenchSettings:
     export_dir: str | None = None
     methods: tuple[str, ...] = ()
     steps: int | None = None
+    gradient_steps: int | None = None
 
 
 def make_settings(
@@ -66,12 +68,14 @@ def make_settings(
     export_dir: str | None = None,
     methods: tuple[str, ...] | None = None,
     steps: int | None = None,
+    gradient_steps: int | None = None,
 ) -> BenchSettings:
     """Checked settings; None means "not given": the suite's default (smaller with `quick`)."""
     spec = get_suite(suite)
     given = {
         "backends": backends, "presets": presets, "batches": batches, "latents": latents,
         "features": features, "dtypes": dtypes, "export_dir": export_dir, "methods": methods, "steps": steps,
+        "gradient_steps": gradient_steps,
     }  # fmt: skip
     refused = [_FLAGS[name] for name, value in given.items() if value is not None and name not in spec.options]
     if refused:
@@ -103,13 +107,15 @@ def make_settings(
         threads=threads,
         quick=quick,
         export_dir=export_dir,
-        **(_compose_options(methods, steps, quick) if suite == "compose" else {}),
+        **(_compose_options(methods, steps, gradient_steps, quick) if suite == "compose" else {}),
     )
     _check_models(settings)
     return settings
 
 
-def _compose_options(methods: tuple[str, ...] | None, steps: int | None, quick: bool) -> dict:
+def _compose_options(
+    methods: tuple[str, ...] | None, steps: int | None, gradient_steps: int | None, quick: bool
+) -> dict:
     from vgrt.bench.compose_methods import METHODS
 
     unknown = [m for m in methods or () if m not in METHODS]
@@ -117,7 +123,10 @@ def _compose_options(methods: tuple[str, ...] | None, steps: int | None, quick: 
         raise InvalidInputError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(METHODS)}")
     if steps is not None and steps < 1:
         raise InvalidInputError(f"--steps must be >= 1, got {steps}")
+    if gradient_steps is not None and gradient_steps < 1:
+        raise InvalidInputError(f"--gradient-steps must be >= 1, got {gradient_steps}")
     return {
+        "gradient_steps": gradient_steps,
         "methods": tuple(dict.fromkeys(methods)) if methods else tuple(METHODS),
         "steps": steps or (QUICK_COMPOSE_STEPS if quick else COMPOSE_STEPS),
     }

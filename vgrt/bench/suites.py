@@ -39,9 +39,10 @@ SUITES: dict[str, Suite] = {
     ),
     "compose": Suite(
         "compose",
-        "one composition per method end to end: seconds per stage, host work per UNet step",
+        "one composition per method end to end: seconds per stage, host work per UNet step, "
+        "seconds per gradient step and PyTorch's share",
         "vgrt.bench.compose_suite",
-        frozenset({"presets", "latents", "backends", "methods", "steps"}),
+        frozenset({"presets", "latents", "backends", "methods", "steps", "gradient_steps"}),
         ("torch", "onnxruntime"),
     ),
 }

@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, help="compose suite: schedule length of each composition (default: 20, 3 with --quick)"
     )
+    parser.add_argument(
+        "--gradient-steps",
+        type=int,
+        help="compose suite: PNO iterations (vcf-pno) and guidance steps (visual-prompts, at most --steps) "
+        "(default: each method's own, 10 and 5)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         export_dir=args.export_dir,
         methods=_names(args.methods),
         steps=args.steps,
+        gradient_steps=args.gradient_steps,
     )
     result = run_bench(settings)
     json_path, png_path = write_run(result, args.out)

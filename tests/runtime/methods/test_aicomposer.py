@@ -32,7 +32,8 @@ def test_onnxruntime_matches_torch(composers, torch_result):
 def test_background_equals_the_inverted_background(composers, torch_result):
     composer, req = composers("torch"), request()
     placement = aicomposer.place(req)
-    trajectory = aicomposer.invert_placement(composer, req, placement, aicomposer.exceptional_prompt(composer))
+    clean = aicomposer.inversion_start(composer, req, placement)
+    trajectory = aicomposer.invert_placement(composer, req, clean, aicomposer.exceptional_prompt(composer))
     outside = to_latent_grid(placement.region, *trajectory.shape[-2:]) == 0
     assert outside.any() and not outside.all()
     torch.testing.assert_close(torch_result.latents[0][:, outside], trajectory[0, 0][:, outside], rtol=0, atol=1e-6)
@@ -87,7 +88,9 @@ def test_placement_pastes_the_cropped_foreground_into_the_box():
     rows, cols = inside.any(1).nonzero(), inside.any(0).nonzero()
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 23, 4, 19)
     torch.testing.assert_close(placement.composite[..., ~inside], req.background[..., ~inside])
-    assert (placement.region >= placement.foreground_mask).all() and placement.region.sum() > placement.foreground_mask.sum()
+    assert (
+        placement.region >= placement.foreground_mask
+    ).all() and placement.region.sum() > placement.foreground_mask.sum()
 
 
 def test_adaptive_latent_normalization_takes_the_reference_statistics():

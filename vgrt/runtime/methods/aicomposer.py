@@ -133,7 +133,9 @@ def place(request: AIComposerRequest) -> Placement:
     return Placement(composite, placed, region, crop)
 
 
-def adaptive_latent_normalization(latent: torch.Tensor, reference: torch.Tensor, inside: torch.Tensor, epsilon: float) -> torch.Tensor:
+def adaptive_latent_normalization(
+    latent: torch.Tensor, reference: torch.Tensor, inside: torch.Tensor, epsilon: float
+) -> torch.Tensor:
     """The latent [C, h, w] with its `inside` positions moved toward the per-channel mean and std that
     `reference` has outside them (AdaIN; epsilon 1 replaces the statistics, 0 leaves them)."""
     inside = inside.bool()
@@ -150,7 +152,9 @@ def _std(values: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (values.var(1, keepdim=True, unbiased=values.shape[1] > 1) + eps).sqrt()
 
 
-def image_tokens(composer: Composer, placement: Placement, background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def image_tokens(
+    composer: Composer, placement: Placement, background: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused (conditional, unconditional) image tokens [1, 4, C] each."""
     size = composer.runner("image_encoder").spec.input("pixel_values").shape[-1]
     pixels = torch.cat([clip_pixels(placement.crop, size), clip_pixels(background, size)])
@@ -172,8 +176,10 @@ def exceptional_prompt(composer: Composer) -> torch.Tensor:
     return composer.infer("text_encoder", input_ids=ids)["last_hidden_state"]
 
 
-def _inversion_start(composer: Composer, request: AIComposerRequest, placement: Placement, latent_hw) -> torch.Tensor:
+def inversion_start(composer: Composer, request: AIComposerRequest, placement: Placement) -> torch.Tensor:
     """The clean latent that is inverted: the pasted foreground normalized to the background, re-encoded."""
+    f = composer.preset.vae_factor
+    latent_hw = (request.background.shape[2] // f, request.background.shape[3] // f)
     background, pasted = composer.encode_images(torch.cat([request.background, placement.composite])).split(1)
     inside = to_latent_grid(placement.foreground_mask, *latent_hw)
     pasted = adaptive_latent_normalization(pasted[0], background[0], inside, INVERSION_ADAIN)[None]
@@ -181,13 +187,12 @@ def _inversion_start(composer: Composer, request: AIComposerRequest, placement: 
     return composer.encode_images(torch.lerp(decoded[:1], decoded[1:], placement.foreground_mask))
 
 
-def invert_placement(composer: Composer, request: AIComposerRequest, placement: Placement, blank: torch.Tensor) -> torch.Tensor:
-    """The partial DDIM inversion of the pasted image: [inversion_steps + 1, 1, C, h, w]."""
+def invert_placement(
+    composer: Composer, request: AIComposerRequest, clean: torch.Tensor, blank: torch.Tensor
+) -> torch.Tensor:
+    """The partial DDIM inversion of the clean latent [1, C, h, w]: [inversion_steps + 1, 1, C, h, w]."""
     unet = composer.runner("unet", FEATURES)
-    f = composer.preset.vae_factor
-    latent_hw = (request.background.shape[2] // f, request.background.shape[3] // f)
-    clean = _inversion_start(composer, request, placement, latent_hw)
-    plain = _unet_conditioning(unet.spec, blank, blank, torch.zeros(1, 1, *latent_hw), image_tokens_on=False)
+    plain = _unet_conditioning(unet.spec, blank, blank, torch.zeros(1, 1, *clean.shape[-2:]), image_tokens_on=False)
     return invert(
         unet, build_scheduler("ddim_inverse", SchedulerSettings.for_preset(composer.preset)), clean, plain,
         InversionSettings(steps=request.steps, end_step=request.inversion_steps, progress=composer.progress),
@@ -219,8 +224,10 @@ def compose(composer: Composer, request: AIComposerRequest) -> Composition:
         empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
         blank = exceptional_prompt(composer)
         tokens = image_tokens(composer, placement, request.background)
+    with times("normalize"):  # the VAE round trip of the AdaIN paste, kept out of the inversion's host work
+        clean = inversion_start(composer, request, placement)
     with times("invert"):
-        trajectory = invert_placement(composer, request, placement, blank)
+        trajectory = invert_placement(composer, request, clean, blank)
 
     inside = to_latent_grid(placement.foreground_mask, *latent_hw)
     keep = to_latent_grid(placement.region, *latent_hw)  # outside it the background is re-pasted
