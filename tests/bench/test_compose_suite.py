@@ -48,6 +48,8 @@ def test_every_method_and_stage_has_samples_and_a_ratio_per_backend(compose_run)
                 assert len(result["samples_s"]) == repeats and all(s > 0 for s in result["samples_s"])
                 assert result["ratio_to_torch"] > 0
         assert stages["total"]["results"][1]["max_abs_diff"] < 1e-3  # both backends composed the same latents
+        image = stages["total"]["params"]["image"]
+        assert 0 < run["details"]["methods"][f"{method} tiny {image}"]["latents_vs_torch"]["onnxruntime"] < 1e-4
     assert "invert" in cases_of(run, "mca-ctrl") and "pno" in cases_of(run, "vcf-pno")
     assert png.name.startswith("compose-tiny-") and png.stat().st_size > 0
     assert "| stage |" in stdout and "host % of UNet call" in stdout

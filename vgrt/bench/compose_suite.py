@@ -88,7 +88,7 @@ def run(settings: BenchSettings) -> SuiteOutput:
             params = {"preset": preset, "method": plan.method, "image": f"{plan.size}x{plan.size}"}
             cases += _cases({**params, "steps": settings.steps}, runs)
             key = f"{plan.method} {preset} {plan.size}x{plan.size}"
-            methods[key] = {"request": _describe(plan.request)}
+            methods[key] = {"request": _describe(plan.request), "latents_vs_torch": _relative_errors(runs)}
             if gradient_steps(plan.request):
                 gradients[key] = _gradient_shares(gradient_steps(plan.request), runs)
     details = {
@@ -186,6 +186,17 @@ def _stage_measurement(backend: str, records: list[RunRecord], stage: str) -> Me
     if calls:
         unet = UNetWork(calls, tuple(w.seconds for w in work), tuple(w.own_seconds for w in work))
     return Measurement(backend, backend, samples, unet=unet)
+
+
+def _relative_errors(runs: dict[str, BackendRuns]) -> dict[str, float]:
+    """Each backend's final latents against PyTorch eager's: ||ours - torch|| / ||torch||, which reads
+    the same on every preset where the largest absolute difference depends on the latents' scale."""
+    reference = runs[BASELINE].latents.float()
+    return {
+        backend: ((r.latents.float() - reference).norm() / reference.norm()).item()
+        for backend, r in runs.items()
+        if backend != BASELINE
+    }
 
 
 def _gradient_shares(steps: dict[str, int], runs: dict[str, BackendRuns]) -> dict[str, dict[str, Any]]:
