@@ -11,7 +11,7 @@ from tests.bench.helpers import run_bench
 from vgrt.bench.compose_methods import METHODS, Inputs, Work, gradient_steps
 from vgrt.bench.compose_suite import BackendRuns, RunRecord, _gradient_shares
 from vgrt.bench.unet_calls import StageCalls, UNetCallLog
-from vgrt.models.presets import get_preset
+from vgrt.models.presets import get_preset, vision_tokens
 from vgrt.runtime.methods.vcf import check_context_fits, fused_length
 
 TIMED = ("mca-ctrl", "locref", "vcf-pno")
@@ -110,9 +110,7 @@ def test_the_vcf_entry_fuses_what_the_unet_profile_takes(preset, tokens):
     model = get_preset(preset)
     _, request = METHODS["vcf"](Inputs.make(model, 32), Work(2))
     assert request.tokens == tokens
-    encoder = model.image_encoder
-    image_tokens = (encoder["image_size"] // encoder["patch_size"]) ** 2 + 1
-    check_context_fits(fused_length(request, 77, image_tokens), model.profile.context)
+    check_context_fits(fused_length(request, 77, vision_tokens(model.image_encoder)), model.profile.context)
 
 
 def test_gradient_shares_per_step_and_of_the_whole_call():

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from vgrt.models.presets import Preset, vision_tokens
+
 Compose = Callable[[Any, Any], Any]  # (Composer, request) -> Composition
 
 
@@ -31,7 +33,7 @@ class Inputs:
     """The example images at one square size, as tensors [1, C, size, size], for one preset; `box` is
     the region's box."""
 
-    preset: Any  # vgrt.models.presets.Preset
+    preset: Preset
     size: int
     subject: torch.Tensor
     subject_mask: torch.Tensor
@@ -40,7 +42,7 @@ class Inputs:
     box: Any  # vgrt.runtime.images.Box
 
     @classmethod
-    def make(cls, preset: Any, size: int) -> "Inputs":
+    def make(cls, preset: Preset, size: int) -> "Inputs":
         from vgrt.runtime.examples import write_examples
         from vgrt.runtime.images import Box, load_image, load_mask
 
@@ -100,13 +102,11 @@ def _vcf(inputs: Inputs, work: Work, pno: Any = None) -> tuple[Compose, Any]:
     return vcf.compose, request
 
 
-def _vcf_tokens(preset: Any) -> str:
+def _vcf_tokens(preset: Preset) -> str:
     """Every penultimate image token, as the code concatenates them, where the preset's UNet profile takes
     that context; else the class token alone (the SD 1.5 and SDXL profiles stop at 154 tokens)."""
-    encoder = preset.image_encoder
-    image_tokens = (encoder["image_size"] // encoder["patch_size"]) ** 2 + 1
     text_tokens = preset.text_encoder["max_position_embeddings"]
-    return "all" if text_tokens + image_tokens <= preset.profile.context.max else "cls"
+    return "all" if text_tokens + vision_tokens(preset.image_encoder) <= preset.profile.context.max else "cls"
 
 
 def _vcf_pno(inputs: Inputs, work: Work) -> tuple[Compose, Any]:

@@ -89,8 +89,9 @@ def run(settings: BenchSettings) -> SuiteOutput:
             cases += _cases({**params, "steps": settings.steps}, runs)
             key = f"{plan.method} {preset} {plan.size}x{plan.size}"
             methods[key] = {"request": _describe(plan.request), "latents_vs_torch": _relative_errors(runs)}
-            if gradient_steps(plan.request):
-                gradients[key] = _gradient_shares(gradient_steps(plan.request), runs)
+            steps = gradient_steps(plan.request)
+            if steps:
+                gradients[key] = _gradient_shares(steps, runs)
     details = {
         "methods": methods,
         "prepared_in_child_s": prepared,

@@ -19,7 +19,7 @@ from vgrt.export.encoder_specs import (
     vae_encoder_spec,
 )  # fmt: skip
 from vgrt.export.spec import ComponentSpec, unet_spec
-from vgrt.models.presets import Preset, get_preset
+from vgrt.models.presets import Preset, get_preset, vision_tokens
 from vgrt.models.source import ModelSource
 
 COMPONENTS = (
@@ -134,11 +134,11 @@ def _adapter(source: ModelSource, preset: Preset, name: str, dtype: str) -> Buil
         spec = layout_adapter_spec(preset, image["projection_dim"], adapters.OBJECT_TOKENS, dtype)
     elif name == "appearance_adapter":
         module = adapters.PerceiverResampler(image["hidden_size"], preset.context_dim)
-        grid = 1 + (image["image_size"] // image["patch_size"]) ** 2
-        spec = appearance_adapter_spec(preset, image["hidden_size"], grid, adapters.OBJECT_TOKENS, dtype)
+        tokens = vision_tokens(image)
+        spec = appearance_adapter_spec(preset, image["hidden_size"], tokens, adapters.OBJECT_TOKENS, dtype)
     elif name == "aligner":
         module = adapters.ImageToTextAligner(image["hidden_size"], preset.context_dim)
-        spec = aligner_spec(preset, image["hidden_size"], 1 + (image["image_size"] // image["patch_size"]) ** 2, dtype)
+        spec = aligner_spec(preset, image["hidden_size"], vision_tokens(image), dtype)
     else:
         module = adapters.AppearanceNet(image["hidden_size"], preset.context_dim)
         spec = appearance_net_spec(preset, image["hidden_size"], dtype)

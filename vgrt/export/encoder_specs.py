@@ -3,7 +3,7 @@
 from typing import Any
 
 from vgrt.export.spec import ComponentSpec, TensorSpec
-from vgrt.models.presets import Preset, Range
+from vgrt.models.presets import Preset, Range, vision_tokens
 
 
 def _pixel_range(preset: Preset) -> Range:
@@ -50,13 +50,13 @@ def text_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str, name: 
 
 
 def image_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> ComponentSpec:
-    size, patch, hidden = config["image_size"], config["patch_size"], config["hidden_size"]
+    size, hidden = config["image_size"], config["hidden_size"]
     return ComponentSpec(
         name="image_encoder",
         inputs=(TensorSpec("pixel_values", dtype, ("batch", 3, size, size), "CLIP-normalized RGB"),),
         outputs=(
             TensorSpec("image_embeds", dtype, ("batch", config["projection_dim"]), "projected embedding"),
-            TensorSpec("penultimate_tokens", dtype, ("batch", 1 + (size // patch) ** 2, hidden), "penultimate layer tokens"),
+            TensorSpec("penultimate_tokens", dtype, ("batch", vision_tokens(config), hidden), "penultimate layer tokens"),
         ),
         dims={"batch": preset.profile.batch},
     )

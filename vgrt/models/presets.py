@@ -80,6 +80,11 @@ class Preset:
         return self.unet.get("addition_embed_type") == "text_time"
 
 
+def vision_tokens(config: dict[str, Any]) -> int:
+    """Tokens in each layer of a CLIP vision tower with this config: the class token and one per patch."""
+    return 1 + (config["image_size"] // config["patch_size"]) ** 2
+
+
 def _sd_vae(scaling_factor: float, sample_size: int) -> dict[str, Any]:
     return {
         "in_channels": 3,
