@@ -1,11 +1,18 @@
 """Preset tokenizers follow CLIP's contract; real tokenizer files are required when weights are given."""
 
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import Counter
+
 import pytest
 
 from vgrt.errors import WeightsError
 from vgrt.models.presets import get_preset
 from vgrt.models.source import ModelSource
-from vgrt.models.tokenizer import load_tokenizer
+from vgrt.models.tokenizer import load_tokenizer, train_bpe
 
 
 @pytest.mark.parametrize("preset", ["tiny", "sd15"])
@@ -22,10 +29,47 @@ def test_preset_tokenizer_pads_like_clip(preset):
     assert (tokenize(["a dog on a beach at sunset"]) == ids[:1]).all()  # deterministic
 
 
-def test_long_prompts_are_truncated_with_the_end_token_kept():
+def test_long_prompts_are_truncated_with_the_end_token_kept_and_said(caplog):
     tokenize = load_tokenizer(ModelSource("tiny"))
-    ids = tokenize("a red car in the rain " * 40)
+    with caplog.at_level(logging.WARNING, logger="vgrt"):
+        ids = tokenize("a red car in the rain " * 40)
     assert ids.shape == (1, 77) and ids[0, -1] == tokenize.end
+    assert "has 240 tokens; the text encoder reads 75" in caplog.text and "shorten it" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vgrt"):
+        tokenize("a red car in the rain")
+    assert caplog.text == ""
+
+
+_PRINT_IDS = """
+import json
+from vgrt.models.source import ModelSource
+from vgrt.models.tokenizer import load_tokenizer
+print(json.dumps({p: load_tokenizer(ModelSource(p))(["a dog on a beach at sunset", "a red car"]).tolist() for p in ("tiny", "sd15")}))
+"""
+
+
+def test_preset_ids_are_the_same_in_every_process():
+    """The tokenizers library's own trainer numbered symbols differently per process (LocRef with one
+    seed gave 4 different images in 4 processes); vgrt's trainer must not."""
+    runs = []
+    for hash_seed in ("1", "2", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", _PRINT_IDS], env=env, capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout))
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0]["tiny"][0][:4] == [998, 3, 217, 50]  # "a dog on": pinned, so a change of the trainer is seen
+
+
+def test_bpe_training_merges_the_most_frequent_pair_and_breaks_ties_by_order():
+    vocab, merges = train_bpe(Counter({"abab": 2, "cd": 3, "ef": 3}), vocab_size=100)
+    # pair counts: (c,d</w>) 3, (e,f</w>) 3, then (a,b), (a,b</w>), (b,a) 2 each: ties in lexicographic order
+    assert merges[:4] == [("c", "d</w>"), ("e", "f</w>"), ("a", "b"), ("a", "b</w>")]
+    assert list(vocab)[:8] == ["<unk>", "a", "b", "b</w>", "c", "d</w>", "e", "f</w>"]
+    assert list(vocab)[8:10] == ["cd</w>", "ef</w>"]
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    small, small_merges = train_bpe(Counter({"abab": 2, "cd": 3, "ef": 3}), vocab_size=9)
+    assert len(small) == 9 and small_merges == merges[: 9 - (len(vocab) - len(merges))]
 
 
 def test_weights_folder_without_tokenizer_files_is_refused(tmp_path):
