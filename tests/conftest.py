@@ -15,6 +15,18 @@ if not torch.cuda.is_available():
 
 logging.getLogger("vgrt").setLevel(logging.WARNING)
 
+SKIP_SLOW_REASON = "slow: set VGRT_RUN_SLOW=1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `slow` (minutes of CPU time) run only when VGRT_RUN_SLOW=1."""
+    if os.environ.get("VGRT_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason=SKIP_SLOW_REASON)
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
@@ -41,6 +53,16 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def examples(tmp_path_factory):
+    """The example inputs `vgrt examples` draws, at 32x32 (tiny's smallest usable size)."""
+    from vgrt.runtime.examples import write_examples
+
+    directory = tmp_path_factory.mktemp("examples")
+    write_examples(directory, size=32)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -5,26 +5,11 @@ from PIL import Image
 
 from vgrt.cli import main
 
-
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    from vgrt.runtime.examples import write_examples
-
-    directory = tmp_path_factory.mktemp("examples")
-    write_examples(directory, size=32)
-    return directory
-
-
-def args(examples, out, *extra):
-    return [
-        "compose", "mca-ctrl", "--subject", str(examples / "subject.png"), "--subject-mask", str(examples / "subject_mask.png"),
-        "--condition", str(examples / "scene.png"), "--region-mask", str(examples / "region_mask.png"),
-        "--steps", "3", "--out", str(out), *extra,
-    ]  # fmt: skip
+from .cli_args import mca_ctrl_args
 
 
 def test_compose_writes_an_image(examples, tmp_path, composer_cache, capsys):
-    assert main(args(examples, tmp_path / "out.png", "--cache", str(composer_cache))) == 0
+    assert main(mca_ctrl_args(examples, tmp_path / "out.png", "--cache", str(composer_cache), steps=3)) == 0
     assert Image.open(tmp_path / "out.png").size == (32, 32)
     assert "random" in capsys.readouterr().out
 
@@ -41,19 +26,19 @@ def test_compose_errors_write_nothing(examples, tmp_path, extra, message, capsys
     out = tmp_path / "out.png"
     if message is None:
         with pytest.raises(SystemExit):
-            main(args(examples, out, *extra))
+            main(mca_ctrl_args(examples, out, *extra))
     else:
-        assert main(args(examples, out, *extra)) == 2
+        assert main(mca_ctrl_args(examples, out, *extra)) == 2
         assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_missing_and_mismatched_inputs_are_named(examples, tmp_path, capsys):
-    bad = args(examples, tmp_path / "out.png")
+    bad = mca_ctrl_args(examples, tmp_path / "out.png")
     bad[bad.index("--subject") + 1] = str(tmp_path / "missing.png")
     assert main(bad) == 2 and "does not exist" in capsys.readouterr().err
     Image.new("L", (16, 16), 255).save(tmp_path / "small_mask.png")
-    bad = args(examples, tmp_path / "out.png")
+    bad = mca_ctrl_args(examples, tmp_path / "out.png")
     bad[bad.index("--region-mask") + 1] = str(tmp_path / "small_mask.png")
     assert main(bad) == 2 and "is 16x16 but its image is 32x32" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()

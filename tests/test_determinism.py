@@ -14,11 +14,7 @@ def locref_args(examples, out, cache):
     ]  # fmt: skip
 
 
-def test_locref_gives_the_same_bytes_in_every_process(tmp_path, tmp_path_factory, composer_cache):
-    from vgrt.runtime.examples import write_examples
-
-    examples = tmp_path_factory.mktemp("determinism-examples")
-    write_examples(examples, size=32)
+def test_locref_gives_the_same_bytes_in_every_process(tmp_path, examples, composer_cache):
     assert main(locref_args(examples, tmp_path / "warm.png", composer_cache)) == 0  # exports once, in this process
     outputs = []
     for hash_seed in ("1", "2"):

@@ -8,8 +8,12 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
+from vgrt._lazy import missing_dependency
 from vgrt.errors import VgrtError
+
+log = logging.getLogger("vgrt")
 
 # name -> module in vgrt.commands with `add_arguments(parser)`, `run(args) -> int` and a docstring.
 SUBCOMMANDS = {
@@ -40,11 +44,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("vgrt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.verbose:  # -v shows everything, library warnings Python hides by default included
+        warnings.simplefilter("default")
     try:
         return args.run(args)
     except VgrtError as err:
-        print(f"vgrt {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args, err, str(err), 2)
+    except ModuleNotFoundError as err:  # an optional package that a lazy import needed
+        missing = missing_dependency(err)
+        return _fail(args, err, str(missing), 2) if missing else _internal_error(args, err)
+    except KeyboardInterrupt:
+        print(f"vgrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the traceback is logged at DEBUG (-v)
+        return _internal_error(args, err)
+
+
+def _fail(args: argparse.Namespace, err: Exception, message: str, code: int) -> int:
+    log.debug("traceback of the error below:", exc_info=err)  # shown with -v
+    print(f"vgrt {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _internal_error(args: argparse.Namespace, err: Exception) -> int:
+    """A bug or an unforeseen failure: one line by default, the traceback too with -v."""
+    log.debug("traceback of the internal error below:", exc_info=err)
+    first_line = next(iter(str(err).splitlines()), "")  # library messages can run to pages
+    hint = "" if args.verbose else "; rerun with -v for the traceback"
+    print(f"vgrt {args.command}: internal error: {type(err).__name__}: {first_line}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

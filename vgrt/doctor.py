@@ -1,27 +1,41 @@
-"""What this machine can run: each check returns (ok, detail), where detail is a version or the reason."""
+"""What this machine can run: each check returns (ok, detail), where detail is a version or the reason.
 
-import importlib.metadata
+Checks import what they report on, so a version shown is one that loads, and a package that is installed
+but broken says how it fails. A check that raises is reported as failed with the exception, never dropped.
+"""
+
+import importlib
+import logging
 import platform
 from collections.abc import Callable
+from types import ModuleType
+
+log = logging.getLogger(__name__)
 
 
-def _version(package: str) -> tuple[bool, str]:
+def _import(name: str) -> tuple[ModuleType | None, str]:
+    """(module, "") when `name` imports, else (None, why): not installed, or installed but failing to load."""
     try:
-        return True, importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return False, "not installed"
+        return importlib.import_module(name), ""
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] == name:
+            return None, "not installed"
+        return None, f"installed but does not import: {err}"
+    except (ImportError, OSError) as err:  # OSError: a wheel whose shared libraries do not load
+        return None, f"installed but does not import: {type(err).__name__}: {err}"
 
 
 def _torch() -> tuple[bool, str]:
-    ok, version = _version("torch")
-    if not ok:
-        return ok, "not installed: pip install 'vgrt[cpu]' (pins the CPU build)"
-    return True, version
+    torch, why = _import("torch")
+    if torch is None:
+        return False, f"{why}: pip install 'vgrt[cpu]' (pins the CPU build)"
+    return True, torch.__version__
 
 
 def _gpu() -> tuple[bool, str]:
-    import torch
-
+    torch, why = _import("torch")
+    if torch is None:
+        return False, f"unknown: torch is {why}"
     if not torch.cuda.is_available():
         return False, f"no CUDA device visible to torch {torch.__version__} (a CPU build, or no driver)"
     props = torch.cuda.get_device_properties(0)
@@ -29,41 +43,50 @@ def _gpu() -> tuple[bool, str]:
 
 
 def _onnxruntime() -> tuple[bool, str]:
-    try:
-        import onnxruntime
-    except ImportError:
-        return False, "not installed: pip install 'vgrt[cpu]'"
+    onnxruntime, why = _import("onnxruntime")
+    if onnxruntime is None:
+        return False, f"{why}: pip install 'vgrt[cpu]'"
     return True, f"{onnxruntime.__version__}, providers: {', '.join(onnxruntime.get_available_providers())}"
 
 
 def _onnxruntime_cuda() -> tuple[bool, str]:
-    try:
-        import onnxruntime
-    except ImportError:
-        return False, "onnxruntime is not installed"
+    onnxruntime, why = _import("onnxruntime")
+    if onnxruntime is None:
+        return False, f"onnxruntime is {why}"
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         return False, "CUDA provider not in this build: pip install 'vgrt[gpu]' (onnxruntime-gpu, CUDA 13, cuDNN 9)"
     return True, "CUDA provider available (sessions are checked for a silent CPU fallback)"
 
 
+def _onnxruntime_tensorrt() -> tuple[bool, str]:
+    onnxruntime, why = _import("onnxruntime")
+    if onnxruntime is None:
+        return False, f"onnxruntime is {why}"
+    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+        return (
+            False,
+            "TensorRT provider not in this build: pip install 'vgrt[trt]' (onnxruntime-gpu with TensorRT libraries)",
+        )
+    return True, "TensorRT provider in this build (sessions are checked for a silent fallback)"
+
+
 def _triton() -> tuple[bool, str]:
-    ok, version = _version("triton")
-    return (True, version) if ok else (False, "not installed: pip install 'vgrt[gpu]'")
+    triton, why = _import("triton")
+    return (True, triton.__version__) if triton else (False, f"{why}: pip install 'vgrt[gpu]'")
 
 
 def _tensorrt() -> tuple[bool, str]:
-    try:
-        import tensorrt
-    except ImportError:
-        return False, "not installed: pip install 'vgrt[trt]' (needs NVIDIA's library download to succeed)"
-    except OSError as err:  # the wheel installed but its shared libraries did not load
-        return False, f"installed but its libraries do not load: {err}"
+    tensorrt, why = _import("tensorrt")
+    if tensorrt is None:
+        return False, f"{why}: pip install 'vgrt[trt]' (needs NVIDIA's library download to succeed)"
     return True, tensorrt.__version__
 
 
 def _polygraphy() -> tuple[bool, str]:
-    ok, version = _version("polygraphy")
-    return (True, f"{version} (builds TensorRT engines)") if ok else (False, "not installed: pip install 'vgrt[trt]'")
+    polygraphy, why = _import("polygraphy")
+    if polygraphy is None:
+        return False, f"{why}: pip install 'vgrt[trt]'"
+    return True, f"{polygraphy.__version__} (builds TensorRT engines)"
 
 
 def _plugin() -> tuple[bool, str]:
@@ -82,19 +105,6 @@ def _plugin() -> tuple[bool, str]:
     )
 
 
-def _onnxruntime_tensorrt() -> tuple[bool, str]:
-    try:
-        import onnxruntime
-    except ImportError:
-        return False, "onnxruntime is not installed"
-    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
-        return (
-            False,
-            "TensorRT provider not in this build: pip install 'vgrt[trt]' (onnxruntime-gpu with TensorRT libraries)",
-        )
-    return True, "TensorRT provider in this build (sessions are checked for a silent fallback)"
-
-
 CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
     "python": lambda: (True, platform.python_version()),
     "torch": _torch,
@@ -109,12 +119,16 @@ CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
 }
 
 
+def run_check(name: str) -> dict[str, object]:
+    """One check's entry: {"ok", "detail"}; a check that raises is a failure whose detail is the exception
+    (the traceback is logged at DEBUG, shown by `vgrt -v doctor`), so one broken install cannot hide the rest."""
+    try:
+        ok, detail = CHECKS[name]()
+    except Exception as err:
+        log.debug("the %s check raised", name, exc_info=True)
+        return {"ok": False, "detail": f"check raised {type(err).__name__}: {err}"}
+    return {"ok": ok, "detail": detail}
+
+
 def collect() -> dict[str, dict[str, object]]:
-    report = {}
-    for name, check in CHECKS.items():
-        try:
-            ok, detail = check()
-        except Exception as err:  # a broken install must not stop the rest of the report
-            ok, detail = False, f"check failed: {type(err).__name__}: {err}"
-        report[name] = {"ok": ok, "detail": detail}
-    return report
+    return {name: run_check(name) for name in CHECKS}

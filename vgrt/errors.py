@@ -23,3 +23,7 @@ class WeightsError(VgrtError):
 
 class ArtifactError(VgrtError):
     """An exported directory or engine is missing, incomplete or was made for something else."""
+
+
+class NumericalError(VgrtError):
+    """A computation produced NaN or infinite values; the message names the stage and the first bad step."""

@@ -68,7 +68,8 @@ def test_cuda_graph_replay_and_shared_memory_give_the_same_result(export_dir, fe
     with open_runner(export_dir, backend="tensorrt", cuda_graph=True, shared_memory=shared) as graphed, \
          open_runner(export_dir, backend="tensorrt", shared_memory=shared) as plain:  # fmt: skip
         results = [graphed.infer(feed)["noise_pred"] for _ in range(3)]  # plain run, capture, replay
-        assert graphed._graph is not None
+        with graphed._calls.acquire() as call:  # the context that served those calls
+            assert call.graph is not None
         results.append(plain.infer(feed)["noise_pred"])
     for got in results:
         torch.testing.assert_close(got, results[0])
@@ -88,5 +89,5 @@ def test_aot_engine_deserializes_without_the_python_plugin(export_dir):
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -24,8 +24,11 @@ def export_dir(tmp_path):
     """A directory with a manifest only: the entry points must fail before reading any ONNX."""
     spec = unet_spec(get_preset("tiny"), frozenset(), "float16", num_blocks=2)
     unet = {"file": "unet.onnx", "spec": spec.to_json(), "features": [], "fp32_ops": [], "attention_form": "custom",
-            "masked_attention_nodes": 0, "onnx_sha256": "0" * 64}  # fmt: skip
-    write_manifest(tmp_path, {"preset": "tiny", "settings": {"dtype": "fp16"}, "components": {"unet": unet}})
+            "masked_attention_nodes": 0, "model_sha256": "0" * 64, "onnx_sha256": "0" * 64,
+            "files": {"unet.onnx": {"bytes": 0, "sha256": "0" * 64}}}  # fmt: skip
+    settings = {"opset": 23, "dtype": "fp16", "attention_form": "custom"}
+    source = {"seed": 0, "weights": None, "allow_pickle": False}
+    write_manifest(tmp_path, {"preset": "tiny", "source": source, "settings": settings, "components": {"unet": unet}})
     return tmp_path
 
 

@@ -23,9 +23,14 @@ def encoders_dir(tiny_export):
 @pytest.mark.parametrize("component", ENCODERS)
 def test_component_matches_torch(encoders_dir, component):
     feed = example_feed(encoders_dir, component, seed=606)
-    with open_runner(encoders_dir, component, "torch") as reference, open_runner(encoders_dir, component, "onnxruntime") as ort:
+    with (
+        open_runner(encoders_dir, component, "torch") as reference,
+        open_runner(encoders_dir, component, "onnxruntime") as ort,
+    ):
         expected, got = reference.infer(feed), ort.infer(feed)
-    assert expected.keys() == got.keys() == {t.name for t in read_manifest(encoders_dir).component(component).spec.outputs}
+    assert (
+        expected.keys() == got.keys() == {t.name for t in read_manifest(encoders_dir).component(component).spec.outputs}
+    )
     for name in expected:
         error = ((got[name].double() - expected[name].double()).norm() / expected[name].double().norm()).item()
         assert error <= 1e-4, name
@@ -45,7 +50,9 @@ def test_vae_shapes_chain_into_the_unet(encoders_dir):
 
 def test_token_ids_outside_the_vocabulary_are_refused(encoders_dir):
     spec = read_manifest(encoders_dir).component("text_encoder").spec
-    with pytest.raises(InvalidInputError, match=r"'input_ids' has values in \[0, 1000\], expected values in \[0, 999\]"):
+    with pytest.raises(
+        InvalidInputError, match=r"'input_ids' has values in \[0, 1000\], expected values in \[0, 999\]"
+    ):
         spec.validate({"input_ids": torch.tensor([[0] * 76 + [1000]])})
 
 
@@ -65,7 +72,9 @@ def test_adapter_weights_load_from_safetensors(tmp_path):
     trained = build_component("fusion_mlp", ModelSource("tiny", seed=9), frozenset(), "float32").module
     (tmp_path / "fusion_mlp").mkdir()
     save_file(trained.state_dict(), tmp_path / "fusion_mlp" / "model.safetensors")
-    loaded = build_component("fusion_mlp", ModelSource("tiny", seed=0, weights=str(tmp_path)), frozenset(), "float32").module
+    loaded = build_component(
+        "fusion_mlp", ModelSource("tiny", seed=0, weights=str(tmp_path)), frozenset(), "float32"
+    ).module
     seeded = build_component("fusion_mlp", ModelSource("tiny", seed=0), frozenset(), "float32").module
     content, style = torch.randn(2, 1, 8, 32).unbind(0)
     torch.testing.assert_close(loaded(content, style), trained(content, style))

@@ -1,6 +1,9 @@
-"""Export writes a complete directory or nothing, and records where its weights came from."""
+"""Export writes a complete directory or nothing, replaces only its own exports, and records where its weights
+came from."""
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -29,12 +32,69 @@ def test_interrupted_export_leaves_no_directory_and_keeps_the_old_one(tmp_path, 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
+    old = tmp_path / "old"
+    shutil.copytree(tiny_export(features="none"), old)
+    before = read_manifest(old).data
     monkeypatch.setattr(exporter, "_save", fail)
-    with pytest.raises(KeyboardInterrupt):
-        export(tmp_path / "new", ExportSettings(preset="tiny"))
-    assert list(tmp_path.iterdir()) == []
+    for target in (tmp_path / "new", old):
+        with pytest.raises(KeyboardInterrupt):
+            export(target, ExportSettings(preset="tiny"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no staging, no lock, no new directory
     with pytest.raises(ArtifactError):
         read_manifest(tmp_path / "new")
+    manifest = read_manifest(old)
+    assert manifest.data == before
+    manifest.path(manifest.component("unet"))  # its files still verify
+
+
+def test_out_that_is_not_a_vgrt_export_is_refused_before_any_work(tmp_path, monkeypatch, tiny_export):
+    def no_work(*args, **kwargs):
+        raise AssertionError("an export started")
+
+    monkeypatch.setattr(exporter, "build_component", no_work)
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.png").write_bytes(b"png")
+    extended = tmp_path / "export"
+    shutil.copytree(tiny_export(features="none"), extended)
+    (extended / "README.txt").write_text("my notes on this export")
+    cases = [
+        (user_file, "is a file, not a vgrt export"),
+        (folder, r"is a folder that is not a vgrt export .*\(cat.png\)"),
+        (extended, r"holds files vgrt did not write \(README.txt\)"),
+    ]
+    for target, pattern in cases:
+        with pytest.raises(InvalidInputError, match=pattern) as caught:
+            export(target, ExportSettings(preset="tiny"))
+        assert str(target) in str(caught.value) and "choose another --out, or remove it yourself" in str(caught.value)
+    assert user_file.read_text() == "mine" and (folder / "cat.png").read_bytes() == b"png"
+    assert (extended / "README.txt").is_file() and read_manifest(extended).component("unet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "notes.txt", "photos"]
+
+
+def test_export_command_refuses_a_file_with_exit_code_2(tmp_path, capsys):
+    from vgrt.cli import main
+
+    user_file = tmp_path / "model.onnx"
+    user_file.write_bytes(b"not mine to delete")
+    assert main(["export", "--out", str(user_file)]) == 2
+    assert f"{str(user_file)!r} is a file" in capsys.readouterr().err
+    assert user_file.read_bytes() == b"not mine to delete"
+
+
+def test_export_replaces_an_empty_folder_and_an_earlier_export(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    settings = ExportSettings(preset="tiny", components="aligner")
+    export(target, settings)
+    first = read_manifest(target).data["components"]["aligner"]["onnx_sha256"]
+    export(target, dataclasses.replace(settings, seed=1))
+    manifest = read_manifest(target)
+    assert manifest.data["components"]["aligner"]["onnx_sha256"] != first
+    assert manifest.path(manifest.component("aligner")).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_bad_settings_fail_before_any_work(tmp_path):
@@ -60,7 +120,10 @@ def tiny_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     (folder / "unet").mkdir()
     unet = build_unet(ModelSource("tiny", seed=5), frozenset()).unet
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in unet.state_dict().items()},
+        folder / "unet" / "diffusion_pytorch_model.safetensors",
+    )
     unet.save_config(folder / "unet")
     return folder
 
@@ -91,8 +154,6 @@ def test_missing_corrupt_and_pickled_weights_are_refused(tmp_path, tiny_weights)
 
 
 def test_torch_backend_refuses_weights_that_changed_since_export(tmp_path, tiny_export):
-    import shutil
-
     from vgrt.engines import open_runner
 
     copy = tmp_path / "copy"

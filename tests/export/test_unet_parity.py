@@ -15,7 +15,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def outputs(directory, feed):
-    with open_runner(directory, backend="torch") as torch_runner, open_runner(directory, backend="onnxruntime") as ort_runner:
+    with (
+        open_runner(directory, backend="torch") as torch_runner,
+        open_runner(directory, backend="onnxruntime") as ort_runner,
+    ):
         return torch_runner.infer(feed)["noise_pred"], ort_runner.infer(feed)["noise_pred"]
 
 
@@ -41,7 +44,16 @@ def test_parity_at_other_shapes_in_the_profile(tiny_export):
 
     directory = tiny_export(features="all")
     spec = read_manifest(directory).component("unet").spec
-    sizes = {**spec.profile_sizes("min"), "batch": 3, "height": 24, "width": 8, "context": 5, "extra": 3, "regions": 3, "groups": 1}
+    sizes = {
+        **spec.profile_sizes("min"),
+        "batch": 3,
+        "height": 24,
+        "width": 8,
+        "context": 5,
+        "extra": 3,
+        "regions": 3,
+        "groups": 1,
+    }
     expected, got = outputs(directory, random_feed(spec, sizes, seed=404))
     assert got.shape == (3, 4, 24, 8)
     assert relative_error(got, expected) <= 1e-4

@@ -27,14 +27,35 @@ def test_valid_feed_resolves_dims(spec, feed):
 @pytest.mark.parametrize(
     "change, pattern",
     [
-        (lambda f: f.update(region_masks=torch.zeros(2, 2, 16, 8)), r"'region_masks' has width=8 at axis 3, but 'sample' has width=16"),
-        (lambda f: f.update(token_regions=torch.zeros(2, 3, 4)), r"'token_regions' has regions=3 .* 'region_masks' has regions=2"),
-        (lambda f: f.update(sample=torch.zeros(2, 4, 15, 16)), r"height=15, which is not a multiple of 2 .* use 14 or 16"),
-        (lambda f: f.update(encoder_hidden_states=torch.zeros(2, 400, 32)), r"context=400, outside the exported profile \[1, 334\]"),
-        (lambda f: f.update(extra_gate=torch.zeros(2, 16, 16)), r"'extra_gate' has shape \(2, 16, 16\), expected 4 axes"),
+        (
+            lambda f: f.update(region_masks=torch.zeros(2, 2, 16, 8)),
+            r"'region_masks' has width=8 at axis 3, but 'sample' has width=16",
+        ),
+        (
+            lambda f: f.update(token_regions=torch.zeros(2, 3, 4)),
+            r"'token_regions' has regions=3 .* 'region_masks' has regions=2",
+        ),
+        (
+            lambda f: f.update(sample=torch.zeros(2, 4, 15, 16)),
+            r"height=15, which is not a multiple of 2 .* use 14 or 16",
+        ),
+        (
+            lambda f: f.update(encoder_hidden_states=torch.zeros(2, 400, 32)),
+            r"context=400, outside the exported profile \[1, 334\]",
+        ),
+        (
+            lambda f: f.update(extra_gate=torch.zeros(2, 16, 16)),
+            r"'extra_gate' has shape \(2, 16, 16\), expected 4 axes",
+        ),
         (lambda f: f.update(encoder_hidden_states=torch.zeros(2, 77, 64)), r"size 64 at axis 2, expected 32"),
-        (lambda f: f.update(sample=torch.zeros(2, 4, 16, 16, dtype=torch.float16)), r"'sample' has dtype float16, expected float32"),
-        (lambda f: f.update(kv_index=torch.full((2, 2), 5)), r"'kv_index' has values in \[5, 5\], expected values in \[0, 1\]"),
+        (
+            lambda f: f.update(sample=torch.zeros(2, 4, 16, 16, dtype=torch.float16)),
+            r"'sample' has dtype float16, expected float32",
+        ),
+        (
+            lambda f: f.update(kv_index=torch.full((2, 2), 5)),
+            r"'kv_index' has values in \[5, 5\], expected values in \[0, 1\]",
+        ),
         (lambda f: f.update(extra_gate=torch.full((2, 1, 16, 16), 2.0)), r"'extra_gate' has values in \[2.0, 2.0\]"),
         (lambda f: f.pop("layer_gates"), r"missing \['layer_gates'\]"),
         (lambda f: f.update(colour=torch.zeros(1)), r"unexpected \['colour'\]"),
@@ -53,7 +74,10 @@ def test_runner_checks_the_feed_before_running(tiny_export):
     directory = tiny_export(features="none")
     feed = example_feed(directory)
     feed["sample"] = feed["sample"][:, :, :15]
-    with open_runner(directory, backend="onnxruntime") as runner, pytest.raises(InvalidInputError, match="multiple of 2"):
+    with (
+        open_runner(directory, backend="onnxruntime") as runner,
+        pytest.raises(InvalidInputError, match="multiple of 2"),
+    ):
         runner.infer(feed)
     with pytest.raises(VgrtError, match="not active"):
         open_runner(directory, backend="onnxruntime").infer(example_feed(directory))

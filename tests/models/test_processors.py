@@ -52,7 +52,9 @@ def test_key_mask_hides_masked_tokens_only():
     torch.testing.assert_close(run(attn, proc, hidden, changed_masked, key_mask=mask), base)
     assert not torch.allclose(run(attn, proc, hidden, changed_kept, key_mask=mask), base)
     # all-ones mask is exactly stock attention
-    torch.testing.assert_close(run(attn, proc, hidden, context, key_mask=torch.ones(B, 7)), run(attn, AttnProcessor2_0(), hidden, context))
+    torch.testing.assert_close(
+        run(attn, proc, hidden, context, key_mask=torch.ones(B, 7)), run(attn, AttnProcessor2_0(), hidden, context)
+    )
 
 
 def test_extra_tokens_act_only_where_gated():
@@ -75,12 +77,20 @@ def test_extra_tokens_act_only_where_gated():
 def test_kv_source_takes_keys_from_the_key_tokens():
     attn, proc = cross({"extra_tokens", "kv_source"})
     hidden, context, extra = inputs()
-    cond = dict(extra_tokens=extra, extra_key_tokens=extra.flip(1), extra_gate=torch.ones(B, 1, H, W), layer_gates=gates())
+    cond = {
+        "extra_tokens": extra,
+        "extra_key_tokens": extra.flip(1),
+        "extra_gate": torch.ones(B, 1, H, W),
+        "layer_gates": gates(),
+    }
     base = run(attn, proc, hidden, context, **cond)
     assert not torch.allclose(run(attn, proc, hidden, context, **{**cond, "extra_key_tokens": extra}), base, atol=1e-4)
     attn_plain, proc_plain = cross({"extra_tokens"})
     same_keys = run(attn, proc, hidden, context, **{**cond, "extra_key_tokens": extra})
-    torch.testing.assert_close(same_keys, run(attn_plain, proc_plain, hidden, context, **{k: v for k, v in cond.items() if k != "extra_key_tokens"}))
+    torch.testing.assert_close(
+        same_keys,
+        run(attn_plain, proc_plain, hidden, context, **{k: v for k, v in cond.items() if k != "extra_key_tokens"}),
+    )
 
 
 def test_regions_restrict_tokens_to_their_region():
@@ -90,7 +100,12 @@ def test_regions_restrict_tokens_to_their_region():
     region_masks[:, 0, :1] = 1  # region 0: top row
     region_masks[:, 1, 2:] = 1  # region 1: bottom two rows; row 1 is in no region
     token_regions = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.float32).expand(B, 2, NE)
-    cond = dict(extra_gate=torch.ones(B, 1, H, W), region_masks=region_masks, token_regions=token_regions, layer_gates=gates())
+    cond = {
+        "extra_gate": torch.ones(B, 1, H, W),
+        "region_masks": region_masks,
+        "token_regions": token_regions,
+        "layer_gates": gates(),
+    }
     base = run(attn, proc, hidden, context, extra_tokens=extra, **cond)
     moved = extra.clone()
     moved[:, 2:] += 2.0  # tokens of region 1 only
@@ -110,12 +125,12 @@ def mutual():
 
 
 def identity_groups(groups: int = 1):
-    return dict(
-        kv_index=torch.arange(B).expand(groups, B).contiguous(),
-        q_index=torch.arange(B).expand(groups, B).contiguous(),
-        self_key_masks=torch.ones(groups, B, H, W),
-        self_out_gates=torch.ones(groups, B, H, W) / groups,
-    )
+    return {
+        "kv_index": torch.arange(B).expand(groups, B).contiguous(),
+        "q_index": torch.arange(B).expand(groups, B).contiguous(),
+        "self_key_masks": torch.ones(groups, B, H, W),
+        "self_out_gates": torch.ones(groups, B, H, W) / groups,
+    }
 
 
 def test_mutual_with_identity_groups_is_plain_self_attention():
@@ -162,12 +177,12 @@ def test_mutual_groups_take_queries_from_different_rows():
     three = 3
     left = torch.zeros(three, H, W)
     left[..., : W // 2] = 1
-    cond = dict(
-        kv_index=torch.tensor([[0, 1, 1], [0, 1, 0]]),
-        q_index=torch.tensor([[0, 1, 1], [0, 1, 0]]),
-        self_key_masks=torch.ones(2, three, H, W),
-        self_out_gates=torch.stack([left, 1 - left]),
-    )
+    cond = {
+        "kv_index": torch.tensor([[0, 1, 1], [0, 1, 0]]),
+        "q_index": torch.tensor([[0, 1, 1], [0, 1, 0]]),
+        "self_key_masks": torch.ones(2, three, H, W),
+        "self_out_gates": torch.stack([left, 1 - left]),
+    }
     cond["self_out_gates"][:, :2] = torch.tensor([1.0, 0.0])[:, None, None, None]  # rows 0, 1: group 0 only
     out = run(attn, proc, hidden, **cond, layer_gates=gates())
     stock = run(attn, AttnProcessor2_0(), hidden)

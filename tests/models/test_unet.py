@@ -46,7 +46,9 @@ def neutral(feed: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("features", ["key_mask", "extra_tokens", "extra_tokens,kv_source", "extra_tokens,regions", "mutual", "all"])
+@pytest.mark.parametrize(
+    "features", ["key_mask", "extra_tokens", "extra_tokens,kv_source", "extra_tokens,regions", "mutual", "all"]
+)
 def test_feature_is_neutral_when_switched_off_and_acts_when_on(plain, features):
     plain_module, plain_feed = plain
     module, feed = unet_and_feed(features)

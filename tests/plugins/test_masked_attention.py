@@ -58,7 +58,9 @@ def test_fully_masked_rows_are_zero_and_have_finite_gradients():
 
 def test_explicit_scale_is_used():
     q, k, v, _ = random_case(seed=5, bias_kind="none")
-    torch.testing.assert_close(masked_attention(q, k, v, scale=0.3).double(), naive_attention(q, k, v, None, 0.3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        masked_attention(q, k, v, scale=0.3).double(), naive_attention(q, k, v, None, 0.3), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_shape_errors_name_the_shapes():
@@ -104,7 +106,9 @@ def test_onnx_forms_match_reference_without_nan(exported_op, form):
 
 def test_attention_form_needs_opset_23():
     model = onnx.helper.make_model(
-        onnx.helper.make_graph([onnx.helper.make_node("MaskedAttention", list("qkvb"), ["o"], domain="vgrt")], "g", [], []),
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("MaskedAttention", list("qkvb"), ["o"], domain="vgrt")], "g", [], []
+        ),
         opset_imports=[onnx.helper.make_opsetid("", 18)],
     )
     with pytest.raises(InvalidInputError, match="opset >= 23"):

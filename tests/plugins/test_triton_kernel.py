@@ -138,16 +138,22 @@ TILES = (-(-LQ // BLOCK_M), -(-LK // BLOCK_N))
 @pytest.mark.parametrize(
     "bad",
     [
-        pytest.param(lambda q, k, v: dict(q=q.int(), k=k.int(), v=v.int()), id="int dtype"),
-        pytest.param(lambda q, k, v: dict(q=q.half(), k=k, v=v), id="mixed dtypes"),
-        pytest.param(lambda q, k, v: dict(q=q[0], k=k, v=v), id="3-D q"),
-        pytest.param(lambda q, k, v: dict(q=q, k=k, v=v[..., :32]), id="value head size"),
-        pytest.param(lambda q, k, v: dict(q=q.repeat(1, 1, 1, 5), k=k.repeat(1, 1, 1, 5), v=v.repeat(1, 1, 1, 5)),
-                     id="head size 320"),
-        pytest.param(lambda q, k, v: dict(q=q, k=k, v=v, bias=torch.zeros(LQ + 1, LK)), id="bias shape"),
-        pytest.param(lambda q, k, v: dict(q=q, k=k, v=v, block_mask=torch.ones(1, 1, TILES[0], TILES[1] + 1) > 0),
-                     id="block_mask tiles"),
-        pytest.param(lambda q, k, v: dict(q=q, k=k, v=v, block_mask=torch.ones(1, 1, *TILES)), id="block_mask dtype"),
+        pytest.param(lambda q, k, v: {"q": q.int(), "k": k.int(), "v": v.int()}, id="int dtype"),
+        pytest.param(lambda q, k, v: {"q": q.half(), "k": k, "v": v}, id="mixed dtypes"),
+        pytest.param(lambda q, k, v: {"q": q[0], "k": k, "v": v}, id="3-D q"),
+        pytest.param(lambda q, k, v: {"q": q, "k": k, "v": v[..., :32]}, id="value head size"),
+        pytest.param(
+            lambda q, k, v: {"q": q.repeat(1, 1, 1, 5), "k": k.repeat(1, 1, 1, 5), "v": v.repeat(1, 1, 1, 5)},
+            id="head size 320",
+        ),
+        pytest.param(lambda q, k, v: {"q": q, "k": k, "v": v, "bias": torch.zeros(LQ + 1, LK)}, id="bias shape"),
+        pytest.param(
+            lambda q, k, v: {"q": q, "k": k, "v": v, "block_mask": torch.ones(1, 1, TILES[0], TILES[1] + 1) > 0},
+            id="block_mask tiles",
+        ),
+        pytest.param(
+            lambda q, k, v: {"q": q, "k": k, "v": v, "block_mask": torch.ones(1, 1, *TILES)}, id="block_mask dtype"
+        ),
     ],
 )
 def test_rejects_unsupported_inputs(bad):

@@ -40,7 +40,10 @@ def attention_spec(dtype: str, masked: bool) -> ComponentSpec:
         TensorSpec("v", dtype, ("batch", "heads", "keys", "head_dim")),
     ]
     if masked:
-        inputs.append(TensorSpec("bias", dtype, ("batch", 1, "queries", "keys"), "0 = attend, -inf = never"))
+        bias = TensorSpec(
+            "bias", dtype, ("batch", 1, "queries", "keys"), "0 = attend, -inf = never", negative_infinity=True
+        )
+        inputs.append(bias)
     dims = {
         "batch": Range(1, 2, 16), "heads": Range(1, 8, 64), "queries": Range(1, 64, 65536),
         "keys": Range(1, 77, 65536), "head_dim": Range(1, 40, 256),

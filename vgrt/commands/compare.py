@@ -6,14 +6,18 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="an exported directory (from `vgrt export`)")
     parser.add_argument("--component", default="unet")
-    parser.add_argument("--backends", default="torch,onnxruntime", help="first is the reference (default: torch,onnxruntime)")
+    parser.add_argument(
+        "--backends", default="torch,onnxruntime", help="first is the reference (default: torch,onnxruntime)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--rtol", type=float, help="fail above this relative error (default: 1e-4 fp32, 1e-2 fp16)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     import time
 
+    from vgrt.checks import check_seed
     from vgrt.engines import BACKENDS, open_runner
     from vgrt.errors import InvalidInputError
     from vgrt.export import example_feed
@@ -23,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [b for b in backends if b not in BACKENDS]
     if len(backends) < 2 or unknown:
         raise InvalidInputError(f"--backends needs two or more of: {', '.join(BACKENDS)}; got {args.backends!r}")
+    check_seed(args.seed, "--seed")
+    if args.rtol is not None and not (math.isfinite(args.rtol) and args.rtol > 0):
+        raise InvalidInputError(f"--rtol must be a finite number > 0, got {args.rtol}")
     manifest = read_manifest(args.directory)
     rtol = args.rtol or (1e-2 if manifest.data["settings"]["dtype"] == "fp16" else 1e-4)
     feed = example_feed(args.directory, args.component, seed=args.seed)

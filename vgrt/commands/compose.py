@@ -7,10 +7,14 @@ def _common(parser: argparse.ArgumentParser, steps: int = 50) -> None:
     parser.add_argument("--out", required=True, help="output image (.png or .jpg); written only on success")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
     parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
-    parser.add_argument("--weights", help="local diffusers folder with real weights (unet/, vae/, text_encoder/, tokenizer/)")
+    parser.add_argument(
+        "--weights", help="local diffusers folder with real weights (unet/, vae/, text_encoder/, tokenizer/)"
+    )
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (methods that start from noise)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the starting noise (methods that start from noise)"
+    )
     parser.add_argument("--size", help="WxH to resize the inputs to, e.g. 512x512 (default: the images' size)")
     parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
 
@@ -62,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(vp)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def _size(text: str | None) -> tuple[int, int] | None:
     from vgrt.errors import InvalidInputError
 
@@ -74,22 +81,37 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return width, height
 
 
+def _output_size(args: argparse.Namespace, preset, image_path: str | None = None) -> tuple[int, int]:
+    """--size, else the size of the image at `image_path` (from its header); checked against the preset's
+    engines before any image is decoded or resized."""
+    from vgrt.runtime.images import check_preset_image_size, image_size
+
+    size = _size(args.size)
+    what = f"--size {args.size} ({preset.name} preset)"
+    if size is None:
+        size, what = image_size(image_path), f"image {image_path!r} (no --size given; {preset.name} preset)"
+    check_preset_image_size(preset, *size, what=what)
+    return size
+
+
 def _image_and_mask(image_path: str, mask_path: str, size: tuple[int, int] | None, name: str):
+    """The image resized to `size` (None: as it is) and its mask, checked at the image's own size first."""
     import torch.nn.functional as F
 
-    from vgrt.runtime.images import load_image, load_mask
+    from vgrt.runtime.images import image_size, load_image, load_mask
 
-    image = load_image(image_path)
-    mask = load_mask(mask_path, (image.shape[3], image.shape[2]), name=f"{name} mask")
-    if size is not None:
-        image = load_image(image_path, size)
+    original = image_size(image_path)
+    mask = load_mask(mask_path, original, name=f"{name} mask")
+    image = load_image(image_path, size)
+    if size is not None and size != original:
         mask = F.interpolate(mask, size=(size[1], size[0]), mode="nearest")
     return image, mask
 
 
-def _mca_ctrl(args: argparse.Namespace):
+def _mca_ctrl(args: argparse.Namespace, preset):
     from vgrt.runtime.methods import mca_ctrl
 
+    width, height = _output_size(args, preset, args.condition)
     size = _size(args.size)
     subject, subject_mask = _image_and_mask(args.subject, args.subject_mask, size, "subject")
     condition, region_mask = _image_and_mask(args.condition, args.region_mask, size, "condition")
@@ -97,55 +119,61 @@ def _mca_ctrl(args: argparse.Namespace):
         subject, subject_mask, condition, region_mask, mode=args.mode, prompt=args.prompt,
         steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
     )  # fmt: skip
-    return mca_ctrl.compose, request, (condition.shape[3], condition.shape[2])
+    return mca_ctrl.compose, request, (width, height)
 
 
-def _aicomposer(args: argparse.Namespace):
-    from vgrt.runtime.images import Box, load_image, load_mask
+def _aicomposer(args: argparse.Namespace, preset):
+    from vgrt.runtime.images import Box, load_image
     from vgrt.runtime.methods import aicomposer
 
-    size = _size(args.size)
+    width, height = _output_size(args, preset, args.background)
+    placement = None if args.box is None else Box.parse(args.box).mask(width, height)
     foreground, foreground_mask = _image_and_mask(args.foreground, args.foreground_mask, None, "foreground")
-    background = load_image(args.background, size)
-    width, height = background.shape[3], background.shape[2]
-    if args.box is not None:
-        placement = Box.parse(args.box).mask(width, height)
-    elif size is None:
-        placement = load_mask(args.placement_mask, (width, height), name="placement mask")
+    if placement is None:
+        background, placement = _image_and_mask(args.background, args.placement_mask, _size(args.size), "placement")
     else:
-        _, placement = _image_and_mask(args.background, args.placement_mask, size, "placement")
+        background = load_image(args.background, (width, height))
     request = aicomposer.AIComposerRequest(
-        foreground, foreground_mask, background, placement, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance
+        foreground,
+        foreground_mask,
+        background,
+        placement,
+        prompt=args.prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance,
     )
     return aicomposer.compose, request, (width, height)
 
 
-def _locref(args: argparse.Namespace):
+def _locref(args: argparse.Namespace, preset):
     from vgrt.errors import InvalidInputError
     from vgrt.runtime.images import Box, load_image
     from vgrt.runtime.methods import locref
 
     if args.size is None:
         raise InvalidInputError("locref needs the output size: add --size WxH, e.g. --size 512x512")
-    width, height = _size(args.size)
-    references = tuple(load_image(path) for path in args.reference)
+    width, height = _output_size(args, preset)
+    locref.check_reference_count(len(args.reference), preset.profile)
     boxes = tuple(Box.parse(text) for text in args.box)
+    for box in boxes:
+        box.check_inside(width, height)
+    references = tuple(load_image(path) for path in args.reference)
     request = locref.LocRefRequest(
         args.prompt, references, boxes, width, height, steps=args.steps, guidance_scale=args.guidance, seed=args.seed
     )
     return locref.compose, request, (width, height)
 
 
-def _vcf(args: argparse.Namespace):
+def _vcf(args: argparse.Namespace, preset):
     from vgrt.runtime.images import load_image
     from vgrt.runtime.methods import vcf
     from vgrt.runtime.methods.pno import PnoSettings
 
-    reference = load_image(args.reference)
-    width, height = _size(args.size) or (reference.shape[3], reference.shape[2])
+    width, height = _output_size(args, preset, args.reference)
     pno = None
     if args.pno_steps != 0:
         pno = PnoSettings(iterations=args.pno_steps, lr_prompt=args.pno_lr, lr_noise=args.pno_lr, seed=args.seed)
+    reference = load_image(args.reference)
     request = vcf.VcfRequest(
         args.prompt, reference, width, height, fusion=args.fusion, alpha=args.alpha, tokens=args.tokens,
         steps=args.steps, guidance_scale=args.guidance, seed=args.seed, pno=pno,
@@ -153,18 +181,18 @@ def _vcf(args: argparse.Namespace):
     return vcf.compose, request, (width, height)
 
 
-def _visual_prompts(args: argparse.Namespace):
-    from vgrt.models.presets import get_preset
+def _visual_prompts(args: argparse.Namespace, preset):
     from vgrt.runtime.images import Box, load_image
     from vgrt.runtime.methods import visual_prompts
 
-    objects = tuple(load_image(path) for path in args.object)
-    preset = get_preset(args.preset)
     native = preset.profile.latent.opt * preset.vae_factor
-    width, height = _size(args.size) or (native, native)
+    width, height = _output_size(args, preset) if args.size is not None else (native, native)
+    visual_prompts.check_object_count(len(args.object), preset.profile)
+    boxes = tuple(Box.parse(text) for text in args.box)
+    objects = tuple(load_image(path) for path in args.object)
     request = visual_prompts.VisualPromptsRequest(
-        objects, width, height, prompt=args.prompt, boxes=tuple(Box.parse(text) for text in args.box), steps=args.steps,
-        guidance_scale=args.guidance, guidance_steps=args.guidance_steps, guidance_lr=args.guidance_lr, seed=args.seed,
+        objects, width, height, prompt=args.prompt, boxes=boxes, steps=args.steps, guidance_scale=args.guidance,
+        guidance_steps=args.guidance_steps, guidance_lr=args.guidance_lr, seed=args.seed,
     )  # fmt: skip
     return visual_prompts.compose, request, (width, height)
 
@@ -175,24 +203,51 @@ METHODS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vgrt.errors import InvalidInputError
+    from vgrt.checks import check_output_file, check_seed, check_writable_folder
+    from vgrt.export.cache import cache_root
+    from vgrt.models.presets import get_preset
     from vgrt.models.source import ModelSource
     from vgrt.runtime.composer import Composer
     from vgrt.runtime.images import save_image
 
-    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise InvalidInputError(f"--out {args.out!r} must end in .png or .jpg")
-    compose, request, (width, height) = METHODS[args.method](args)
+    # Everything a user can get wrong is refused here, before any image is decoded or engine exported.
+    out = check_output_file(args.out, "--out", IMAGE_SUFFIXES)
+    check_writable_folder(args.cache or cache_root(), "--cache" if args.cache else "the cache (--cache or $VGRT_CACHE)")
+    check_seed(args.seed, "--seed")
+    preset = get_preset(args.preset)
+    compose, request, (width, height) = METHODS[args.method](args, preset)
     request.validate()
     source = ModelSource(args.preset, weights=args.weights)  # --seed is the sampling seed, not the weights'
     with Composer(source, args.backend, cache=args.cache) as composer:
         composer.check_image_size(width, height)
         result = compose(composer, request)
-    save_image(result.image, args.out)
+        record = provenance(args, request, composer)
+    save_image(result.image, out, record)
     stages = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.times.seconds.items())
-    print(f"wrote {args.out} ({stages})")
+    print(f"wrote {out} ({stages})")
     if args.weights is None:
         print("note: preset weights are random, so the image is noise-like; use --weights for real images")
     return 0
+
+
+def provenance(args: argparse.Namespace, request, composer) -> dict[str, str]:
+    """How the image was made, stored in its PNG text chunks (`Image.open(path).text`)."""
+    from pathlib import Path
+
+    from vgrt import __version__
+
+    source = composer.source
+    record = {
+        "Software": f"vgrt {__version__}",
+        "vgrt.version": __version__,
+        "vgrt.method": args.method,
+        "vgrt.steps": str(request.steps),
+        "vgrt.guidance_scale": str(request.guidance_scale),
+        "vgrt.backend": composer.backend,
+        "vgrt.dtype": composer.dtype,
+        "vgrt.preset": source.preset,
+        "vgrt.weights": str(Path(source.weights).resolve()) if source.weights else f"random, seed {source.seed}",
+    }
+    if hasattr(request, "seed"):  # AIComposer starts from an inversion, not from seeded noise
+        record["vgrt.seed"] = str(request.seed)
+    return record

@@ -14,7 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--features", default="none", help=f"comma-separated features, 'all' or 'none'; known: {', '.join(FEATURES)}"
     )
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument(
+        "--out", required=True, help="output directory; an earlier vgrt export there is replaced atomically, "
+        "anything else is refused",
+    )  # fmt: skip
     parser.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 18 (default: 23)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     parser.add_argument(

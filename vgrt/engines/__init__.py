@@ -1,11 +1,11 @@
-"""Runners with one interface (torch, onnxruntime, tensorrt) and `open_runner`, which opens any exported directory."""
+"""Runners with one interface (torch, onnxruntime, openvino, tensorrt); `open_runner` opens any exported directory."""
 
 from pathlib import Path
 from typing import Any
 
 from vgrt.errors import InvalidInputError
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 def open_runner(directory: str | Path, component: str = "unet", backend: str = "onnxruntime", **settings: Any):
@@ -13,13 +13,15 @@ def open_runner(directory: str | Path, component: str = "unet", backend: str = "
 
     The torch backend rebuilds the module from the manifest (preset and seed, or weights path) and
     checks that its weights hash matches the export, so both backends run the same model.
-    Keyword settings go to the backend: OrtSettings fields for onnxruntime, device for torch, for tensorrt
-    those of vgrt.engines.tensorrt.runner_from_export (the engine comes from `vgrt build`).
+    Keyword settings go to the backend: OrtSettings fields for onnxruntime, OpenVinoSettings fields for
+    openvino, device for torch, for tensorrt those of vgrt.engines.tensorrt.runner_from_export (the
+    engine comes from `vgrt build`).
     """
     from vgrt.export.manifest import read_manifest
 
     if backend not in BACKENDS:
         raise InvalidInputError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_settings(backend, settings)
     manifest = read_manifest(directory)
     entry = manifest.component(component)
     if backend == "tensorrt":
@@ -30,8 +32,46 @@ def open_runner(directory: str | Path, component: str = "unet", backend: str = "
         from vgrt.engines.ort_runner import OrtRunner, OrtSettings
 
         return OrtRunner(manifest.path(entry), entry.spec, OrtSettings(**settings))
+    if backend == "openvino":
+        from vgrt.engines.openvino_runner import OpenVinoRunner, OpenVinoSettings
+
+        return OpenVinoRunner(manifest.path(entry), entry.spec, entry.files, OpenVinoSettings(**settings))
     from vgrt.engines.torch_runner import TorchRunner
     from vgrt.models.rebuild import module_from_manifest
 
     module, dtype = module_from_manifest(manifest, component)
     return TorchRunner(module, entry.spec, dtype=dtype, **settings)
+
+
+def setting_names(backend: str) -> frozenset[str]:
+    """The keyword settings `open_runner` passes on to `backend`'s runner."""
+    import inspect
+    from dataclasses import fields
+
+    if backend == "onnxruntime":
+        from vgrt.engines.ort_runner import OrtSettings
+
+        return frozenset(f.name for f in fields(OrtSettings))
+    if backend == "openvino":
+        from vgrt.engines.openvino_runner import OpenVinoSettings
+
+        return frozenset(f.name for f in fields(OpenVinoSettings))
+    if backend == "torch":
+        from vgrt.engines.torch_runner import TorchRunner
+
+        given = {"self", "module", "spec", "dtype"}  # open_runner's: the module and its dtype come from the manifest
+        return frozenset(inspect.signature(TorchRunner.__init__).parameters) - given
+    from vgrt.engines.tensorrt.runner import TrtSettings
+    from vgrt.engines.tensorrt.settings import BuildSettings
+
+    build = {f.name for f in fields(BuildSettings)} - {"component"}  # the component is open_runner's argument
+    return frozenset(build | {f.name for f in fields(TrtSettings)} | {"cache_dir", "shared_memory"})
+
+
+def check_settings(backend: str, settings: dict[str, Any]) -> None:
+    unknown = sorted(set(settings) - setting_names(backend))
+    if unknown:
+        raise InvalidInputError(
+            f"unknown {backend} runner setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"the {backend} backend takes: {', '.join(sorted(setting_names(backend)))}"
+        )

@@ -1,16 +1,20 @@
 """ONNX Runtime runner: CPU execution provider by default, CUDA or TensorRT when present and asked for.
 
-Inputs and outputs are bound by pointer through IOBinding, so a call copies nothing on the host;
-output buffers are allocated once per shape and reused.
+Inputs and outputs are bound by pointer through IOBinding, so a call copies nothing on the host. Each
+call holds a per-call context from the runner's pool: an IO binding and, with `reuse_outputs`, one buffer
+per output, made anew only when its shape changes. ONNX Runtime runs one session from many threads at
+once when each has its own binding, so concurrent calls give the serial results (see vgrt.engines.base).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vgrt._lazy import require
 from vgrt.engines.base import Runner
+from vgrt.engines.contexts import ContextPool
 from vgrt.errors import MissingDependencyError, VgrtError
 from vgrt.export.spec import ComponentSpec
 
@@ -35,7 +39,8 @@ class OrtSettings:
         intra_op_threads: threads per op; 0 lets ONNX Runtime choose (all cores).
         optimization_level: 'disable', 'basic', 'extended' (default) or 'all'. On the CPU 'all' costs
             15-20 s of session creation on SD 1.5 for no measured gain.
-        reuse_outputs: return the runner's own output buffers (overwritten by the next call).
+        reuse_outputs: return output buffers the runner keeps and overwrites on a later call (one caller
+            only; see vgrt.engines.base). Off, each call writes into fresh tensors.
         allow_spinning: let idle ONNX Runtime threads spin for the next call. Off by default: vgrt runs
             torch work between engine calls in the same process, and spinning threads starve it.
         denormals_as_zero: flush denormal floats to zero on the CPU. Masked softmax rows underflow
@@ -54,6 +59,20 @@ class OrtSettings:
     memory_arena: bool = True
 
 
+@dataclass
+class OrtCall:
+    """What one call binds: an IO binding of the session and, when outputs are reused, their buffers."""
+
+    binding: Any  # onnxruntime.IOBinding
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+        buffer = self.outputs.get(name)
+        if buffer is None or tuple(buffer.shape) != shape:
+            buffer = self.outputs[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
+
+
 class OrtRunner(Runner):
     backend = "onnxruntime"
 
@@ -67,14 +86,18 @@ class OrtRunner(Runner):
             raise VgrtError(f"unknown provider {settings.provider!r}; choose one of: {', '.join(PROVIDERS)}")
         self.path, self.settings = Path(path), settings
         self.session = None
-        self._outputs: dict[str, torch.Tensor] = {}
+        self._calls = ContextPool(lambda: OrtCall(self.session.io_binding()))
 
     def activate_impl(self) -> None:
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.settings.intra_op_threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.settings.allow_spinning else "0")
-        options.add_session_config_entry("session.set_denormal_as_zero", "1" if self.settings.denormals_as_zero else "0")
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.settings.allow_spinning else "0"
+        )
+        options.add_session_config_entry(
+            "session.set_denormal_as_zero", "1" if self.settings.denormals_as_zero else "0"
+        )
         options.enable_cpu_mem_arena = self.settings.memory_arena
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -105,31 +128,30 @@ class OrtRunner(Runner):
         self.device = "cpu" if self.settings.provider == "cpu" else "cuda"
 
     def deactivate_impl(self) -> None:
-        self.session, self._outputs = None, {}
-
-    def _output_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        buffer = self._outputs.get(name)
-        if buffer is None or tuple(buffer.shape) != shape:
-            buffer = self._outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
-        return buffer
+        self._calls.clear()
+        self.session = None
 
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         if self.device == "cuda":
             # ONNX Runtime reads bound device memory on its own stream: inputs written on torch's must be ready.
             torch.cuda.current_stream().synchronize()
-        binding = self.session.io_binding()
+        with self._calls.acquire() as call:
+            return self._run(call, feed, sizes)
+
+    def _run(self, call: OrtCall, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         kept = []  # keeps contiguous copies alive until the run ends
         for name, value in feed.items():
             value = value.to(self.device).contiguous()
             kept.append(value)
-            binding.bind_input(name, self.device, 0, _NUMPY_OF[value.dtype], tuple(value.shape), value.data_ptr())
+            call.binding.bind_input(name, self.device, 0, _NUMPY_OF[value.dtype], tuple(value.shape), value.data_ptr())
         outputs = {}
         for t in self.spec.outputs:
-            dtype = getattr(torch, t.dtype)
-            buffer = self._output_buffer(t.name, self.spec.shape(t, sizes), dtype)
-            binding.bind_output(t.name, self.device, 0, t.dtype, tuple(buffer.shape), buffer.data_ptr())
+            shape, dtype = self.spec.shape(t, sizes), getattr(torch, t.dtype)
+            if self.settings.reuse_outputs:
+                buffer = call.output(t.name, shape, dtype, self.device)
+            else:
+                buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            call.binding.bind_output(t.name, self.device, 0, t.dtype, shape, buffer.data_ptr())
             outputs[t.name] = buffer
-        self.session.run_with_iobinding(binding)
-        if self.settings.reuse_outputs:
-            return outputs
-        return {k: v.clone() for k, v in outputs.items()}
+        self.session.run_with_iobinding(call.binding)
+        return outputs

@@ -7,11 +7,17 @@ from vgrt.export.spec import ComponentSpec
 
 
 class TorchRunner(Runner):
-    """Runs an nn.Module under inference mode; its forward takes the spec's inputs by name."""
+    """Runs an nn.Module under inference mode; its forward takes the spec's inputs by name.
+
+    A call keeps no state: outputs are fresh tensors and vgrt's modules take their conditioning as forward
+    arguments (never stored on the module), so concurrent calls need no per-call context.
+    """
 
     backend = "torch"
 
-    def __init__(self, module: torch.nn.Module, spec: ComponentSpec, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, module: torch.nn.Module, spec: ComponentSpec, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ):
         super().__init__(spec)
         self.module, self.device, self.dtype = module, torch.device(device), dtype
 

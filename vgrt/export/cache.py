@@ -2,8 +2,10 @@
 
 The key covers the export settings (preset, components, features, dtype, opset, attention form, seed),
 the weights (path, size and modification time of every file under it: a changed file gives a new
-key without hashing gigabytes on every start) and the versions of vgrt, torch and onnx. Entries are
-written atomically by the exporter, so an interrupted export is never found here.
+key without hashing gigabytes on every start) and the versions of vgrt, torch and onnx. Each entry has
+a lock (vgrt.export.staging): a process that needs an entry another one is exporting waits for it and
+reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
+damaged one is reported in one line and exported again, and what a killed export left is removed.
 """
 
 import dataclasses
@@ -11,10 +13,15 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import ExitStack
+from importlib import metadata
 from pathlib import Path
 
-from vgrt.export.exporter import ExportSettings, export
-from vgrt.export.manifest import MANIFEST
+from vgrt._lazy import is_available
+from vgrt.errors import ArtifactError, InvalidInputError
+from vgrt.export.exporter import ExportSettings, write_export
+from vgrt.export.manifest import read_manifest
+from vgrt.export.staging import clean_interrupted, describe_os_error, discard_directory, sweep_interrupted, target_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,6 @@ def weights_fingerprint(weights: str | None) -> list[list[object]]:
 
 
 def cache_key(settings: ExportSettings) -> str:
-    import onnx
     import torch
 
     import vgrt
@@ -44,17 +50,79 @@ def cache_key(settings: ExportSettings) -> str:
     identity = {
         "settings": dataclasses.asdict(settings),
         "weights": weights_fingerprint(settings.weights),
-        "versions": [vgrt.__version__, torch.__version__, onnx.__version__],
+        "versions": [vgrt.__version__, torch.__version__, _installed_version("onnx")],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cached_export(settings: ExportSettings, root: Path | None = None) -> Path:
-    """The export directory of `settings`, made now if the cache does not hold it yet."""
+    """The export directory of `settings`, made now if the cache does not hold it yet (or holds it damaged)."""
     settings.validate()
-    directory = Path(root or cache_root()) / f"{settings.preset}-{cache_key(settings)}"
-    if (directory / MANIFEST).is_file():
-        log.info("reusing the export in %s", directory)
+    root = Path(root or cache_root())
+    directory = root / f"{settings.preset}-{cache_key(settings)}"
+    with ExitStack() as stack:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(target_lock(directory))  # waits while another process exports this entry
+        except OSError as err:
+            return _reuse_read_only(directory, err)
+        clean_interrupted(directory)
+        return _reuse_or_export(directory, settings)
+
+
+def _reuse_read_only(directory: Path, err: OSError) -> Path:
+    """The entry of a cache that cannot be written (so nobody exports into it): used if it is intact."""
+    if _entry_problem(directory) is None:
+        log.debug("reusing the export in %s", directory)
         return directory
-    log.info("exporting %s into the cache (first use; reused after)", settings.components)
-    return export(directory, settings)
+    raise InvalidInputError(
+        f"the export cache {str(directory.parent)!r} cannot be written ({describe_os_error(err)}) and does not hold "
+        f"an intact {directory.name}; point VGRT_CACHE (or --cache) at a folder you can write"
+    ) from err
+
+
+def _reuse_or_export(directory: Path, settings: ExportSettings) -> Path:
+    problem = _entry_problem(directory)
+    if problem is None:
+        log.debug("reusing the export in %s", directory)
+        return directory
+    damaged = os.path.lexists(directory)
+    if not _can_export():
+        what = f"is damaged ({problem})" if damaged else "is not in the cache"
+        raise ArtifactError(
+            f"the export cache entry {str(directory)!r} {what}, and this installation cannot export (onnx and "
+            "onnxscript are missing): install them with pip install 'vgrt[cpu]', or copy the entry from a machine "
+            "that made it"
+        )
+    if damaged:
+        log.warning("the export cache entry %s is damaged (%s); exporting it again", directory, problem)
+        discard_directory(directory)
+    else:
+        log.info("exporting %s into the cache (first use; reused after)", settings.components)
+        sweep_interrupted(directory.parent)  # other entries' leftovers, once per new entry
+    return write_export(directory, settings)
+
+
+def _entry_problem(directory: Path) -> str | None:
+    """Why the entry cannot be used as it is (missing, incomplete, damaged), or None when it can."""
+    if not os.path.lexists(directory):
+        return "missing"
+    try:
+        manifest = read_manifest(directory)
+        for entry in manifest.components.values():
+            manifest.path(entry)  # verifies the entry's files
+    except ArtifactError as err:
+        return str(err)
+    return None
+
+
+def _can_export() -> bool:
+    return is_available("onnx") and is_available("onnxscript")
+
+
+def _installed_version(package: str) -> str | None:
+    """A package's version without importing it (an installation without the exporter has no onnx)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

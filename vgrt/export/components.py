@@ -81,7 +81,9 @@ def build_component(name: str, source: ModelSource, features: frozenset[str], dt
     preset = get_preset(source.preset)
     if name == "unet":
         unet = build_unet(source, features)
-        return BuiltComponent(name, unet, unet_spec(preset, features, dtype, unet.num_blocks, dict(unet.unet.config)), "unet")
+        return BuiltComponent(
+            name, unet, unet_spec(preset, features, dtype, unet.num_blocks, dict(unet.unet.config)), "unet"
+        )
     if name in ("vae_encoder", "vae_decoder"):
         vae = _vae(source, preset)
         config = dict(vae.config)
@@ -115,7 +117,9 @@ def _image(source: ModelSource, preset: Preset, dtype: str) -> BuiltComponent:
     from vgrt.models.encoders import ImageEncoder
 
     model, config = _clip(source, "image_encoder", preset.image_encoder, vision=True, projected=True)
-    return BuiltComponent("image_encoder", ImageEncoder(model).eval(), image_encoder_spec(preset, config, dtype), "image_encoder")
+    return BuiltComponent(
+        "image_encoder", ImageEncoder(model).eval(), image_encoder_spec(preset, config, dtype), "image_encoder"
+    )
 
 
 def _adapter(source: ModelSource, preset: Preset, name: str, dtype: str) -> BuiltComponent:

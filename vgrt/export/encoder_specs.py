@@ -16,8 +16,19 @@ def vae_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> Comp
     pixels = _pixel_range(preset)
     return ComponentSpec(
         name="vae_encoder",
-        inputs=(TensorSpec("images", dtype, ("batch", config["in_channels"], "height", "width"), "RGB in [-1, 1]", (-1.0, 1.0)),),
-        outputs=(TensorSpec("latents", dtype, ("batch", config["latent_channels"], f"height/{f}", f"width/{f}"), "scaled latent mean"),),
+        inputs=(
+            TensorSpec(
+                "images", dtype, ("batch", config["in_channels"], "height", "width"), "RGB in [-1, 1]", (-1.0, 1.0)
+            ),
+        ),
+        outputs=(
+            TensorSpec(
+                "latents",
+                dtype,
+                ("batch", config["latent_channels"], f"height/{f}", f"width/{f}"),
+                "scaled latent mean",
+            ),
+        ),
         dims={"batch": preset.profile.batch, "height": pixels, "width": pixels},
         # pixel sizes whose latents the UNet can take
         multiple_of={"height": f * preset.latent_factor, "width": f * preset.latent_factor},
@@ -28,8 +39,14 @@ def vae_decoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> Comp
     f = preset.vae_factor
     return ComponentSpec(
         name="vae_decoder",
-        inputs=(TensorSpec("latents", dtype, ("batch", config["latent_channels"], "height", "width"), "scaled latents"),),
-        outputs=(TensorSpec("images", dtype, ("batch", config["out_channels"], f"height*{f}", f"width*{f}"), "RGB, about [-1, 1]"),),
+        inputs=(
+            TensorSpec("latents", dtype, ("batch", config["latent_channels"], "height", "width"), "scaled latents"),
+        ),
+        outputs=(
+            TensorSpec(
+                "images", dtype, ("batch", config["out_channels"], f"height*{f}", f"width*{f}"), "RGB, about [-1, 1]"
+            ),
+        ),
         dims={"batch": preset.profile.batch, "height": preset.profile.latent, "width": preset.profile.latent},
     )
 
@@ -39,7 +56,9 @@ def text_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str, name: 
     pooled = config.get("projection_dim", hidden) if name == "text_encoder_2" else hidden
     return ComponentSpec(
         name=name,
-        inputs=(TensorSpec("input_ids", "int64", ("batch", length), "token ids, padded to the full length", (0, vocab - 1)),),
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", length), "token ids, padded to the full length", (0, vocab - 1)),
+        ),
         outputs=(
             TensorSpec("last_hidden_state", dtype, ("batch", length, hidden)),
             TensorSpec("penultimate_hidden_state", dtype, ("batch", length, hidden)),
@@ -56,7 +75,9 @@ def image_encoder_spec(preset: Preset, config: dict[str, Any], dtype: str) -> Co
         inputs=(TensorSpec("pixel_values", dtype, ("batch", 3, size, size), "CLIP-normalized RGB"),),
         outputs=(
             TensorSpec("image_embeds", dtype, ("batch", config["projection_dim"]), "projected embedding"),
-            TensorSpec("penultimate_tokens", dtype, ("batch", vision_tokens(config), hidden), "penultimate layer tokens"),
+            TensorSpec(
+                "penultimate_tokens", dtype, ("batch", vision_tokens(config), hidden), "penultimate layer tokens"
+            ),
         ),
         dims={"batch": preset.profile.batch},
     )
@@ -75,7 +96,10 @@ def fusion_mlp_spec(preset: Preset, tokens: int, dtype: str) -> ComponentSpec:
     shape = ("batch", tokens, preset.context_dim)
     return ComponentSpec(
         name="fusion_mlp",
-        inputs=(TensorSpec("content", dtype, shape, "foreground IP tokens"), TensorSpec("style", dtype, shape, "background IP tokens")),
+        inputs=(
+            TensorSpec("content", dtype, shape, "foreground IP tokens"),
+            TensorSpec("style", dtype, shape, "background IP tokens"),
+        ),
         outputs=(TensorSpec("fused", dtype, shape, "content + style - mlp(content, style)"),),
         dims={"batch": preset.profile.batch},
     )

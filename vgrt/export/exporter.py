@@ -1,14 +1,17 @@
 """`vgrt export`: conditioned UNet -> ONNX directory with a manifest.
 
-Steps (each a small function): validate every argument before any work, build the module, trace it
-with torch.onnx (dynamo) at sizes distinct per dynamic dim, choose the attention form, keep the fp16
-overflow spots in fp32, write everything atomically with the manifest last.
+Steps (each a small function): validate every argument and the output location before any work, build
+the module, trace it with torch.onnx (dynamo) at sizes distinct per dynamic dim, choose the attention
+form, keep the fp16 overflow spots in fp32, record every file's size and sha256, write everything
+atomically with the manifest last (vgrt.export.staging).
 """
 
-import hashlib
 import logging
 import platform
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +24,10 @@ from vgrt.errors import InvalidInputError
 from vgrt.export.attention_forms import ATTENTION_FORMS, apply_attention_form, count_custom_nodes
 from vgrt.export.components import build_component, parse_components
 from vgrt.export.fp16 import keep_ops_in_fp32
-from vgrt.export.manifest import atomic_directory, write_manifest
+from vgrt.export.manifest import write_manifest
 from vgrt.export.spec import ComponentSpec
+from vgrt.export.staging import atomic_directory, check_replaceable, clean_interrupted, describe_os_error, target_lock
+from vgrt.export.verify import FileStamp, remember, stamp_file
 from vgrt.models.features import features_text, parse_features
 from vgrt.models.presets import get_preset
 from vgrt.models.source import ModelSource
@@ -130,47 +135,81 @@ def trace_to_onnx(module: torch.nn.Module, spec: ComponentSpec, opset: int) -> o
 
 
 def export(out: str | Path, settings: ExportSettings = ExportSettings()) -> Path:
-    """Export the components of `settings` into directory `out` (replaced atomically); return `out`."""
-    features, components = settings.validate()
+    """Export the components of `settings` into directory `out`; return `out`.
+
+    `out` is replaced atomically when it is a vgrt export; a file, a foreign folder or an export holding
+    files vgrt did not write is refused before any work. A second export to `out` waits for the first.
+    """
+    settings.validate()
     out = Path(out)
+    with ExitStack() as stack:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(target_lock(out))
+        except OSError as err:
+            raise InvalidInputError(
+                f"cannot write an export at {str(out)!r} ({describe_os_error(err)}); choose another --out"
+            ) from err
+        clean_interrupted(out)
+        check_replaceable(out)
+        return write_export(out, settings)
+
+
+def write_export(out: Path, settings: ExportSettings) -> Path:
+    """Write the export of `settings` to `out`, replacing it; the caller holds `target_lock(out)` and
+    has checked that `out` may be replaced."""
+    features, components = settings.validate()
     source = ModelSource(settings.preset, settings.seed, settings.weights, settings.allow_pickle)
     started = time.perf_counter()
-    entries = {}
+    entries, stamps = {}, {}
     with atomic_directory(out) as staging:
-        for name in tqdm(components, desc="export", unit="component", disable=len(components) == 1):
-            entries[name] = _export_component(name, source, features, settings, staging)
-        log.info("writing %s", out)
+        progress = tqdm(components, desc="export", unit="component", disable=len(components) == 1)
+        level = logging.INFO if progress.disable else logging.DEBUG  # with a bar, the bar names the component
+        for name in progress:
+            progress.set_postfix_str(name)
+            log.log(level, "tracing %s to ONNX opset %d, %s (the slow step)", name, settings.opset, settings.dtype)
+            entries[name], written = _export_component(name, source, features, settings, staging)
+            stamps.update(written)
+        log.debug("writing %s", out)
+        remember(staging, stamps)  # hashed while writing: the first open only stats the files
         write_manifest(
             staging,
             {
                 "preset": settings.preset,
                 "source": {"seed": settings.seed, "weights": settings.weights, "allow_pickle": settings.allow_pickle},
-                "settings": {"opset": settings.opset, "dtype": settings.dtype, "attention_form": settings.attention_form},
+                "settings": {
+                    "opset": settings.opset,
+                    "dtype": settings.dtype,
+                    "attention_form": settings.attention_form,
+                },
                 "components": entries,
                 "versions": _versions(),
             },
         )
-    log.info("exported %s (%s) to %s in %.1f s", ", ".join(components), settings.dtype, out, time.perf_counter() - started)
+    log.info(
+        "exported %s (%s) to %s in %.1f s", ", ".join(components), settings.dtype, out, time.perf_counter() - started
+    )
     return out
 
 
 def _export_component(
     name: str, source: ModelSource, features: frozenset[str], settings: ExportSettings, staging: Path
-) -> dict[str, object]:
-    """Trace, transform and save one component; return its manifest entry."""
+) -> tuple[dict[str, object], dict[str, FileStamp]]:
+    """Trace, transform and save one component; return its manifest entry and the stamps of its files."""
     dtype_name, torch_dtype = DTYPES[settings.dtype]
     features = features if name == "unet" else frozenset()
-    log.info("building %s of %s (features: %s)", name, settings.preset, features_text(features))
+    log.debug("building %s of %s (features: %s)", name, settings.preset, features_text(features))
     built = build_component(name, source, features, dtype_name)
     fingerprint = model_sha256(built.module)
-    log.info("tracing %s to ONNX opset %d, %s (the slow step: tens of seconds)", name, settings.opset, settings.dtype)
-    model = trace_to_onnx(built.module.to(torch_dtype), built.spec, settings.opset)
-    spec_json = built.spec.to_json()
-    del built  # the weights now live in `model`; keep one copy in memory, not two
-    masked_nodes = count_custom_nodes(model)
-    fp32_ops = _apply_graph_passes(model, settings)
-    path = staging / f"{name}.onnx"
-    _save(model, path)
+    with _library_warnings_translated(name):
+        model = trace_to_onnx(built.module.to(torch_dtype), built.spec, settings.opset)
+        spec_json = built.spec.to_json()
+        del built  # the weights now live in `model`; keep one copy in memory, not two
+        masked_nodes = count_custom_nodes(model)
+        fp32_ops = _apply_graph_passes(model, settings)
+        path = staging / f"{name}.onnx"
+        _save(model, path)
+    stamps = {p.name: stamp_file(p) for p in (path, _external_data_path(path)) if p.is_file()}
     return {
         "file": path.name,
         "spec": spec_json,
@@ -179,8 +218,46 @@ def _export_component(
         "attention_form": settings.attention_form,
         "masked_attention_nodes": masked_nodes,
         "model_sha256": fingerprint,
-        "onnx_sha256": _file_sha256(path),
-    }
+        "onnx_sha256": stamps[path.name].sha256,
+        "files": {file: {"bytes": stamp.bytes, "sha256": stamp.sha256} for file, stamp in stamps.items()},
+    }, stamps
+
+
+# torch.onnx's messages that say nothing about the exported graph: its own deprecations, dynamic axis
+# names it merged (vgrt's specs share names on purpose), and torchvision ops it skips registering.
+_HARMLESS = ("will not be used, since it shares the same shape constraints", "torchvision is not installed")
+
+
+@contextmanager
+def _library_warnings_translated(component: str) -> Iterator[None]:
+    """Keep torch.onnx's per-component warnings and log lines off the terminal, and pass any that may
+    matter on as one vgrt line each. With -v (vgrt logging at DEBUG) everything shows as it arises."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    torch_onnx = logging.getLogger("torch.onnx")
+    collector = _Collector()
+    handlers, torch_onnx.handlers = torch_onnx.handlers, [collector]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        torch_onnx.handlers = handlers
+    messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning | FutureWarning)]
+    messages += [record.getMessage() for record in collector.records if record.levelno >= logging.WARNING]
+    for message in dict.fromkeys(m.strip().splitlines()[0] for m in messages if m.strip()):
+        if not any(harmless in message for harmless in _HARMLESS):
+            log.warning("torch.onnx warned while exporting %s: %s", component, message)
+
+
+class _Collector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _apply_graph_passes(model: onnx.ModelProto, settings: ExportSettings) -> list[str]:
@@ -206,15 +283,14 @@ def _apply_graph_passes(model: onnx.ModelProto, settings: ExportSettings) -> lis
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
     large = sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT // 2
-    onnx.save_model(model, path, save_as_external_data=large, all_tensors_to_one_file=True, location=path.name + ".data")
+    onnx.save_model(
+        model, path, save_as_external_data=large, all_tensors_to_one_file=True, location=_external_data_path(path).name
+    )
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _external_data_path(path: Path) -> Path:
+    """Where `_save` puts the weights of a model too large for one protobuf (SD UNets, text encoders)."""
+    return path.with_name(path.name + ".data")
 
 
 def _versions() -> dict[str, str]:

@@ -27,7 +27,10 @@ FP32_OPS = (
 def keep_ops_in_fp32(model: onnx.ModelProto, op_types: tuple[str, ...] = FP32_OPS) -> list[str]:
     """Wrap every fp16 input and output of nodes in `op_types` in casts; return the op types wrapped."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    elem_type = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    elem_type = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
     elem_type.update({t.name: t.data_type for t in model.graph.initializer})
     new_nodes: list[onnx.NodeProto] = []
     wrapped: set[str] = set()
@@ -47,7 +50,9 @@ def keep_ops_in_fp32(model: onnx.ModelProto, op_types: tuple[str, ...] = FP32_OP
             if elem_type.get(name) == TensorProto.FLOAT16:
                 wide = f"{name}_fp32_{index}"
                 node.output[i] = wide
-                casts_back.append(helper.make_node("Cast", [wide], [name], to=TensorProto.FLOAT16, name=f"{name}_fp16_cast"))
+                casts_back.append(
+                    helper.make_node("Cast", [wide], [name], to=TensorProto.FLOAT16, name=f"{name}_fp16_cast")
+                )
                 wrapped.add(node.op_type)
         new_nodes += [node, *casts_back]
     del model.graph.node[:]

@@ -38,6 +38,9 @@ class TensorSpec:
     # size bounds the values (indices must lie in [0, size)).
     value_range: tuple[float, float] | None = None
     index_of: str | None = None
+    # Floats must be finite; True lets -inf through where it means something (an additive attention bias:
+    # never attend). NaN and +inf are refused always.
+    negative_infinity: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,24 +67,21 @@ class ComponentSpec:
         return {t.name: tuple(self.shape(t, s) for s in sizes) for t in self.inputs}
 
     def validate(self, feed: dict[str, Any]) -> dict[str, int]:
-        """Check names, dtypes, shapes, profile ranges and value ranges; return the dynamic dim sizes."""
-        expected = {t.name for t in self.inputs}
-        missing, unknown = sorted(expected - set(feed)), sorted(set(feed) - expected)
-        if missing or unknown:
-            raise InvalidInputError(
-                f"{self.name} feed does not match the exported inputs: missing {missing or 'none'}, "
-                f"unexpected {unknown or 'none'}; the inputs are {[t.name for t in self.inputs]}"
-            )
+        """Check names, types, dtypes, shapes, profile ranges, finite floats and value ranges; return the
+        dynamic dim sizes."""
+        self.check_types(feed)
         sizes: dict[str, tuple[int, str]] = {}
         for t in self.inputs:
-            self._check_tensor(t, feed[t.name], sizes)
+            self._check_shape(t, feed[t.name], sizes)
         resolved = {dim: size for dim, (size, _) in sizes.items()}
         for t in self.inputs:
             self._check_values(t, feed[t.name], resolved)
         return resolved
 
     def sizes(self, feed: dict[str, Any]) -> dict[str, int]:
-        """The dynamic dim sizes of a feed already validated (no checks, no host reads)."""
+        """The dynamic dim sizes of a feed whose values were validated already: names, types, dtypes and
+        ranks are checked (cheap, no host reads), shapes and values are not."""
+        self.check_types(feed)
         sizes: dict[str, int] = {}
         for t in self.inputs:
             for dim, size in zip(t.shape, feed[t.name].shape):
@@ -89,16 +89,37 @@ class ComponentSpec:
                     sizes.setdefault(dim, size)
         return sizes
 
-    def _check_tensor(self, t: TensorSpec, value: Any, sizes: dict[str, tuple[int, str]]) -> None:
-        dtype = _dtype_name(value)
-        if dtype != t.dtype:
-            raise InvalidInputError(f"{self.name} input {t.name!r} has dtype {dtype}, expected {t.dtype}")
-        shape = tuple(value.shape)
-        if len(shape) != len(t.shape):
+    def check_types(self, feed: dict[str, Any]) -> None:
+        """Names, value types (torch tensors or numpy arrays), dtypes and ranks; reads no values."""
+        expected = {t.name for t in self.inputs}
+        missing, unknown = sorted(expected - set(feed)), sorted(set(feed) - expected)
+        if missing or unknown:
             raise InvalidInputError(
-                f"{self.name} input {t.name!r} has shape {shape}, expected {len(t.shape)} axes {_fmt(t.shape)}"
+                f"{self.name} feed does not match the exported inputs: missing {missing or 'none'}, "
+                f"unexpected {unknown or 'none'}; the inputs are {[t.name for t in self.inputs]}"
             )
-        for axis, (dim, size) in enumerate(zip(t.shape, shape)):
+        for t in self.inputs:
+            value = feed[t.name]
+            dtype = _dtype_name(value)
+            if dtype is None:
+                raise InvalidInputError(
+                    f"{self.name} input {t.name!r} is a {type(value).__name__}, expected a torch tensor or numpy "
+                    f"array of dtype {t.dtype} and shape {_fmt(t.shape)}; convert it with "
+                    f"torch.as_tensor(value, dtype=torch.{t.dtype})"
+                )
+            if dtype != t.dtype:
+                raise InvalidInputError(
+                    f"{self.name} input {t.name!r} has dtype {dtype}, expected {t.dtype}; convert it with "
+                    f".to(torch.{t.dtype}) (torch) or .astype(np.{t.dtype}) (numpy)"
+                )
+            if value.ndim != len(t.shape):
+                raise InvalidInputError(
+                    f"{self.name} input {t.name!r} has shape {tuple(value.shape)}, expected {len(t.shape)} axes "
+                    f"{_fmt(t.shape)}"
+                )
+
+    def _check_shape(self, t: TensorSpec, value: Any, sizes: dict[str, tuple[int, str]]) -> None:
+        for axis, (dim, size) in enumerate(zip(t.shape, tuple(value.shape))):
             if isinstance(dim, int):
                 if size != dim:
                     raise InvalidInputError(
@@ -130,6 +151,8 @@ class ComponentSpec:
             )
 
     def _check_values(self, t: TensorSpec, value: Any, sizes: dict[str, int]) -> None:
+        if t.dtype.startswith(("float", "bfloat")):
+            self._check_finite(t, value)
         if t.value_range is None and t.index_of is None:
             return
         array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
@@ -137,10 +160,29 @@ class ComponentSpec:
             return
         low, high = (0, sizes[t.index_of] - 1) if t.index_of else t.value_range
         seen_low, seen_high = array.min(), array.max()
-        if not (low <= seen_low and seen_high <= high) or np.isnan(array).any():
+        if not (low <= seen_low and seen_high <= high):
             raise InvalidInputError(
                 f"{self.name} input {t.name!r} has values in [{seen_low}, {seen_high}], expected values in [{low}, {high}]"
             )
+
+    def _check_finite(self, t: TensorSpec, value: Any) -> None:
+        """NaN or infinity in a feed gives NaN outputs (a black image), so it is refused here."""
+        if hasattr(value, "detach"):
+            bad = value.isnan() | (value == float("inf")) if t.negative_infinity else ~value.isfinite()
+            if not bool(bad.any()):
+                return
+            array = value.detach().float().cpu().numpy()
+        else:
+            array = np.asarray(value)
+        bad = np.argwhere(np.isnan(array) | (array == np.inf) if t.negative_infinity else ~np.isfinite(array))
+        if len(bad) == 0:
+            return
+        first = tuple(int(i) for i in bad[0])
+        allowed = "a finite number or -inf" if t.negative_infinity else "a finite number"
+        raise InvalidInputError(
+            f"{self.name} input {t.name!r} holds {len(bad)} non-finite values (first: {array[first]} at index "
+            f"{first}); every value must be {allowed}: check what produced this input"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -168,24 +210,36 @@ def _tensor_json(t: TensorSpec) -> dict[str, Any]:
         out["value_range"] = list(t.value_range)
     if t.index_of is not None:
         out["index_of"] = t.index_of
+    if t.negative_infinity:
+        out["negative_infinity"] = True
     return out
 
 
 def _tensor_from_json(d: dict[str, Any]) -> TensorSpec:
     value_range = tuple(d["value_range"]) if "value_range" in d else None
-    return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d.get("doc", ""), value_range, d.get("index_of"))
+    return TensorSpec(
+        d["name"], d["dtype"], tuple(d["shape"]), d.get("doc", ""), value_range, d.get("index_of"),
+        bool(d.get("negative_infinity", False)),
+    )  # fmt: skip
 
 
-def _dtype_name(value: Any) -> str:
-    dtype = value.dtype
-    return str(dtype).removeprefix("torch.") if "torch" in str(type(dtype)) else np.dtype(dtype).name
+def _dtype_name(value: Any) -> str | None:
+    """The numpy-style dtype name of a torch tensor or numpy array; None for anything else. Called per input
+    of every step (spec.sizes), so it stays a few string operations."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.name
+    if type(value).__module__.startswith("torch") and hasattr(value, "dtype"):
+        return str(value.dtype).removeprefix("torch.")
+    return None
 
 
 def _fmt(shape: tuple[Dim, ...]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-def unet_spec(preset: Preset, features: frozenset[str], dtype: str, num_blocks: int, config: dict | None = None) -> ComponentSpec:
+def unet_spec(
+    preset: Preset, features: frozenset[str], dtype: str, num_blocks: int, config: dict | None = None
+) -> ComponentSpec:
     """The spec of a conditioned UNet of `preset` carrying `features`, with floats in `dtype`."""
     unknown = features - set(FEATURES)
     if unknown:
@@ -209,7 +263,9 @@ def unet_spec(preset: Preset, features: frozenset[str], dtype: str, num_blocks: 
         inputs.append(TensorSpec("key_mask", dtype, ("batch", "context"), "1 = context token may be attended", unit))
     if "extra_tokens" in f:
         inputs += [
-            TensorSpec("extra_tokens", dtype, ("batch", "extra", ctx), "extra token set (values; keys too without kv_source)"),
+            TensorSpec(
+                "extra_tokens", dtype, ("batch", "extra", ctx), "extra token set (values; keys too without kv_source)"
+            ),
             TensorSpec("extra_gate", dtype, ("batch", 1, *latent), "per-query gate of the extra tokens' output", unit),
         ]
     if "kv_source" in f:
@@ -217,18 +273,26 @@ def unet_spec(preset: Preset, features: frozenset[str], dtype: str, num_blocks: 
     if "regions" in f:
         inputs += [
             TensorSpec("region_masks", dtype, ("batch", "regions", *latent), "1 = query inside region", unit),
-            TensorSpec("token_regions", dtype, ("batch", "regions", "extra"), "1 = extra token belongs to region", unit),
+            TensorSpec(
+                "token_regions", dtype, ("batch", "regions", "extra"), "1 = extra token belongs to region", unit
+            ),
         ]
     if "mutual" in f:
         inputs += [
-            TensorSpec("kv_index", "int64", ("groups", "batch"), "batch row each group reads K/V from", index_of="batch"),
-            TensorSpec("q_index", "int64", ("groups", "batch"), "batch row each group takes queries from", index_of="batch"),
+            TensorSpec(
+                "kv_index", "int64", ("groups", "batch"), "batch row each group reads K/V from", index_of="batch"
+            ),
+            TensorSpec(
+                "q_index", "int64", ("groups", "batch"), "batch row each group takes queries from", index_of="batch"
+            ),
             TensorSpec("self_key_masks", dtype, ("groups", "batch", *latent), "1 = key allowed in group", unit),
             TensorSpec("self_out_gates", dtype, ("groups", "batch", *latent), "per-query weight of each group", unit),
         ]
     if any(g in f for g in GATED):
         inputs.append(
-            TensorSpec("layer_gates", dtype, (num_blocks, len(GATED)), f"per transformer block: {', '.join(GATED)} scale")
+            TensorSpec(
+                "layer_gates", dtype, (num_blocks, len(GATED)), f"per transformer block: {', '.join(GATED)} scale"
+            )
         )
     used = {d for t in inputs for d in t.shape if isinstance(d, str)}
     ranges = {

@@ -54,7 +54,9 @@ class AppearanceNet(nn.Module):
 
     def __init__(self, image_token_dim: int, context_dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(image_token_dim, context_dim), nn.GELU(), nn.Linear(context_dim, context_dim))
+        self.net = nn.Sequential(
+            nn.Linear(image_token_dim, context_dim), nn.GELU(), nn.Linear(context_dim, context_dim)
+        )
         self.norm = nn.LayerNorm(context_dim)
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:

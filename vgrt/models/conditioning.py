@@ -50,7 +50,9 @@ def key_mask_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return allowed_to_bias(key_mask > 0.5, dtype)[:, None, None, :]
 
 
-def region_bias(region_masks: torch.Tensor, token_regions: torch.Tensor, factor: int, dtype: torch.dtype) -> torch.Tensor:
+def region_bias(
+    region_masks: torch.Tensor, token_regions: torch.Tensor, factor: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Bias [B, 1, Lq, Ne]: query i may attend token j if they share a region, or if j has no region."""
     query_in = (to_layer_grid(region_masks, factor) > 0).to(dtype)  # [B, R, Lq]
     token_in = (token_regions > 0.5).to(dtype)  # [B, R, Ne]

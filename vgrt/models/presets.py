@@ -166,7 +166,9 @@ PRESETS: dict[str, Preset] = {
             "sample_size": 32,
             "scaling_factor": 0.18215,
         },
-        text_encoder=_clip_text(32, 2, 2, 64, "quick_gelu", vocab_size=1000, bos_token_id=998, eos_token_id=999, pad_token_id=999),
+        text_encoder=_clip_text(
+            32, 2, 2, 64, "quick_gelu", vocab_size=1000, bos_token_id=998, eos_token_id=999, pad_token_id=999
+        ),
         image_encoder={
             "hidden_size": 32,
             "num_hidden_layers": 2,

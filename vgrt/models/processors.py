@@ -63,7 +63,9 @@ class _ConditionedProcessor(nn.Module):
         v = _heads(attn.to_v(context), attn.heads)
         return _output(attn, self.attend(attn, q, k, v, conditioning or Conditioning()))
 
-    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def attend(
+        self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -82,7 +84,9 @@ class CrossAttentionProcessor(_ConditionedProcessor):
             self.to_k_extra = nn.Linear(context_dim, inner_dim, bias=False)
             self.to_v_extra = nn.Linear(context_dim, inner_dim, bias=False)
 
-    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def attend(
+        self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         text_bias = key_mask_bias(cond.key_mask, q.dtype) if "key_mask" in self.features else None
         out = masked_attention(q, k, v, text_bias, scale=attn.scale)
         if "extra_tokens" in self.features:
@@ -93,7 +97,11 @@ class CrossAttentionProcessor(_ConditionedProcessor):
         key_tokens = cond.extra_key_tokens if "kv_source" in self.features else cond.extra_tokens
         k = _heads(self.to_k_extra(key_tokens), attn.heads)
         v = _heads(self.to_v_extra(cond.extra_tokens), attn.heads)
-        bias = region_bias(cond.region_masks, cond.token_regions, self.factor, q.dtype) if "regions" in self.features else None
+        bias = (
+            region_bias(cond.region_masks, cond.token_regions, self.factor, q.dtype)
+            if "regions" in self.features
+            else None
+        )
         out = masked_attention(q, k, v, bias, scale=attn.scale)
         if "probes" in self.features:
             shares = region_attention(q, k, bias, cond.token_regions, attn.scale)
@@ -111,14 +119,18 @@ class SelfAttentionProcessor(_ConditionedProcessor):
     `layer_gates` value blends plain (0) and mutual (1) attention.
     """
 
-    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def attend(
+        self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         out = masked_attention(q, k, v, scale=attn.scale)
         if "mutual" in self.features:
             blend = cond.layer_gates[self.block, MUTUAL_GATE]
             out = out + blend * (self._mutual(attn, q, k, v, cond) - out)
         return out
 
-    def _mutual(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _mutual(
+        self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         groups, batch = cond.kv_index.shape
         rows = cond.kv_index.reshape(-1)
         q_rows = q.index_select(0, cond.q_index.reshape(-1))

@@ -101,7 +101,12 @@ class ConditionedUNet(nn.Module):
             )  # fmt: skip
             kwargs = {"conditioning": conditioning}
         noise_pred = self.unet(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs=added, cross_attention_kwargs=kwargs, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            cross_attention_kwargs=kwargs,
+            return_dict=False,
         )[0]
         if probe_maps is None:
             return noise_pred

@@ -10,7 +10,12 @@ from vgrt.errors import WeightsError
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 # diffusers components, then transformers components (text and image encoders)
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
 
 
 def find_component_weights(path: Path, component: str) -> tuple[Path, dict | None]:

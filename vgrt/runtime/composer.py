@@ -5,12 +5,17 @@
 
 Encoders and adapters live in one cached export; each conditioned UNet feature set in its own, so a
 method runs a UNet that carries only the attention work it needs.
+
+Threads: a Composer may be shared by threads. Runners and modules are made once per key: a second
+thread asking for one being made waits for it and reuses it, while other keys are made in parallel; the
+runners themselves take concurrent calls (vgrt.engines.base).
 """
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -54,6 +59,8 @@ class Composer:
     runner_hook: Callable[[str, Runner], Runner] | None = None
     _runners: dict[tuple[str, str], Runner] = field(default_factory=dict, repr=False)
     _modules: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict, repr=False)
+    _making: dict[tuple[str, str, str], threading.Lock] = field(default_factory=dict, repr=False)  # one per key
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards _making
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -67,7 +74,9 @@ class Composer:
         return cls(ModelSource(preset, seed), backend, **options)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, preset: str = "sd15", backend: str = "onnxruntime", **options) -> "Composer":
+    def from_pretrained(
+        cls, directory: str | Path, preset: str = "sd15", backend: str = "onnxruntime", **options
+    ) -> "Composer":
         """Real weights from a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, ...)."""
         if not Path(directory).is_dir():
             raise InvalidInputError(f"{str(directory)!r} is not a folder; give a local diffusers model folder")
@@ -76,28 +85,42 @@ class Composer:
     def runner(self, component: str, features: str = "none") -> Runner:
         """The active runner of `component` (the UNet with `features`), exported and opened on first use."""
         key = (component, features if component == "unet" else "")
-        if key not in self._runners:
-            settings = ExportSettings(
-                preset=self.source.preset, components="unet" if component == "unet" else ENCODERS,
-                features=features if component == "unet" else "none", dtype=self.dtype, seed=self.source.seed,
-                weights=self.source.weights, allow_pickle=self.source.allow_pickle,
-            )  # fmt: skip
-            directory = cached_export(settings, self.cache)
-            runner = open_runner(directory, component, self.backend, **self.runner_options).activate()
-            self._runners[key] = runner if self.runner_hook is None else self.runner_hook(component, runner)
-        return self._runners[key]
+        return self._made_once("runner", self._runners, key, lambda: self._open_runner(*key))
+
+    def _open_runner(self, component: str, features: str) -> Runner:
+        settings = ExportSettings(
+            preset=self.source.preset, components="unet" if component == "unet" else ENCODERS,
+            features=features or "none", dtype=self.dtype, seed=self.source.seed,
+            weights=self.source.weights, allow_pickle=self.source.allow_pickle,
+        )  # fmt: skip
+        directory = cached_export(settings, self.cache)
+        runner = open_runner(directory, component, self.backend, **self.runner_options).activate()
+        return runner if self.runner_hook is None else self.runner_hook(component, runner)
 
     def module(self, component: str, features: str = "none") -> torch.nn.Module:
         """The PyTorch module of `component` (fp32, eval, CPU, parameters frozen) for the steps that need
         gradients, which engines do not give; the same weights the engines were exported from."""
+        key = (component, features if component == "unet" else "")
+        return self._made_once("module", self._modules, key, lambda: self._build_module(*key))
+
+    def _build_module(self, component: str, features: str) -> torch.nn.Module:
         from vgrt.export.components import build_component
         from vgrt.models.features import parse_features
 
-        key = (component, features if component == "unet" else "")
-        if key not in self._modules:
-            built = build_component(component, self.source, parse_features(key[1] or "none"), "fp32")
-            self._modules[key] = built.module.eval().requires_grad_(False)
-        return self._modules[key]
+        built = build_component(component, self.source, parse_features(features or "none"), "fp32")
+        return built.module.eval().requires_grad_(False)
+
+    def _made_once(self, kind: str, made: dict, key: tuple[str, str], make: Callable[[], Any]) -> Any:
+        """made[key], made by `make()` on first use under the key's own lock (a failure is not kept)."""
+        found = made.get(key)  # the common case takes no lock: an entry is stored only once complete
+        if found is not None:
+            return found
+        with self._guard:
+            lock = self._making.setdefault((kind, *key), threading.Lock())
+        with lock:
+            if key not in made:
+                made[key] = make()
+            return made[key]
 
     def open(self, *components: str) -> None:
         """Export (on first use) and open these encoder/adapter runners now, so a method's stage timer
@@ -106,11 +129,16 @@ class Composer:
             self.runner(component)
 
     def close(self) -> None:
-        for runner in self._runners.values():
-            runner.deactivate()
-        self._runners.clear()
+        """Deactivate the open runners (after the calls in flight); a later use opens them again."""
+        with self._guard:
+            locks = [(key[1:], lock) for key, lock in self._making.items() if key[0] == "runner"]
+        for key, lock in locks:
+            with lock:  # waits for a runner being opened now
+                runner = self._runners.pop(key, None)
+            if runner is not None:
+                runner.deactivate()
 
-    def __enter__(self) -> "Composer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -132,7 +160,16 @@ class Composer:
         return self.infer("vae_encoder", images=images)["latents"]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.infer("vae_decoder", latents=latents)["images"].clamp(-1, 1)
+        """Latents -> images in [-1, 1]; NaN or infinite pixels (an fp16 VAE overflows) raise NumericalError."""
+        from vgrt.errors import NumericalError
+
+        images = self.infer("vae_decoder", latents=latents)["images"]
+        if not torch.isfinite(images).all():  # clamp would turn inf into white and keep NaN
+            raise NumericalError(
+                f"the VAE decoder gave NaN or infinite pixels for finite latents {tuple(latents.shape)}, so no "
+                "image is made from them; use fp32 engines rather than fp16, or check the VAE weights"
+            )
+        return images.clamp(-1, 1)
 
     def check_image_size(self, width: int, height: int) -> None:
         """Refuse image sizes the preset's engines cannot take, before any engine runs."""

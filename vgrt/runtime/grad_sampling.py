@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint as checkpointed
 
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.guided_unet import check_guidance_scale
+from vgrt.runtime.nonfinite import FirstNonFiniteStep
 from vgrt.runtime.schedulers import set_timesteps
 
 
@@ -34,7 +35,8 @@ def sample_with_grad(
     `unet(sample, timestep, encoder_hidden_states)` is a PyTorch UNet (ConditionedUNet, or
     `Composer.module("unet")`); `scheduler` a diffusers scheduler with a deterministic step (DDIM with
     eta 0). Gradients flow to `noise` and `cond` when they require them; `uncond` must have the length
-    of `cond` (pad it with zero tokens as VCF does). Floats follow `noise`'s dtype.
+    of `cond` (pad it with zero tokens as VCF does). Floats follow `noise`'s dtype. NaN or infinite
+    latents raise NumericalError naming the first bad step, once the loop is over.
     """
     check_guidance_scale(guidance_scale)
     guided = guidance_scale > 1.0
@@ -47,7 +49,8 @@ def sample_with_grad(
     context = torch.cat([uncond, cond]) if guided else cond
     rows = context.shape[0]
     latents = noise
-    for t in scheduler.timesteps:
+    watch = FirstNonFiniteStep("gradient sampling", noise.device)
+    for i, t in enumerate(scheduler.timesteps):
         sample = torch.cat([latents, latents]) if guided else latents
         timestep = t.to(noise.dtype).expand(rows)
         if checkpoint:
@@ -59,4 +62,6 @@ def sample_with_grad(
             uncond_out, cond_out = output.chunk(2)
             output = torch.lerp(uncond_out, cond_out, guidance_scale)
         latents = scheduler.step(output, t, latents, return_dict=False)[0]
+        watch.update(i, latents)
+    watch.check(f"steps 0-{steps - 1}")
     return latents

@@ -4,6 +4,7 @@ The feed is built once per run; each step only copies the latents and the timest
 buffers, so the host work per step is two small copies, the runner call and the guidance combine.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,8 +22,8 @@ BeforeStep = Callable[[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
 def check_guidance_scale(scale: float) -> None:
-    if not scale >= 1.0:
-        raise InvalidInputError(f"guidance_scale must be >= 1 (1 turns guidance off), got {scale}")
+    if not (math.isfinite(scale) and scale >= 1.0):  # an infinite scale makes every step NaN
+        raise InvalidInputError(f"guidance_scale must be >= 1 and finite (1 turns guidance off), got {scale}")
 
 
 class GuidedUNet:

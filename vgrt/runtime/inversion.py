@@ -15,7 +15,9 @@ from vgrt.engines.base import Runner
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.guided_unet import BeforeStep, GuidedUNet, check_guidance_scale
-from vgrt.runtime.schedulers import check_steps, set_timesteps
+from vgrt.runtime.nonfinite import FirstNonFiniteStep
+from vgrt.runtime.sampling import check_step_count
+from vgrt.runtime.schedulers import set_timesteps
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class InversionSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_steps(self.steps)
+        check_step_count(self.steps)
         check_guidance_scale(self.guidance_scale)
         if self.end_step is not None and not 1 <= self.end_step <= self.steps:
             raise InvalidInputError(f"end_step must lie in [1, steps={self.steps}] or be None, got {self.end_step}")
@@ -56,7 +58,8 @@ def invert(
     Returns the trajectory [K+1, B, C, h, w] (K steps run): trajectory[0] is the input and
     trajectory[k] the latent after k steps. Sampling with the same step count starting at step
     start_step = steps - K reads trajectory[K - (i - start_step)] as the latent at its step i (with all
-    steps inverted: trajectory[-1 - i]).
+    steps inverted: trajectory[-1 - i]). NaN or infinite latents raise NumericalError naming the first
+    bad step, once the loop is over (no host read per step).
     """
     set_timesteps(scheduler, settings.steps)
     timesteps = scheduler.timesteps[: settings.end_step]
@@ -64,10 +67,13 @@ def invert(
     trajectory[0] = latents
     current = latents.clone()
     unet = GuidedUNet(runner, conditioning, settings.guidance_scale, current, scheduler.timesteps)
+    watch = FirstNonFiniteStep("invert", latents.device)
     for i in tqdm(range(len(timesteps)), desc="invert", disable=not settings.progress):
         t = timesteps[i]
         if before_step is not None:
             before_step(i, t, current, unet.feed)
         current = scheduler.step(unet(current, i), t, current, return_dict=False)[0]
         trajectory[i + 1] = current
+        watch.update(i, current)
+    watch.check(f"steps 0-{len(timesteps) - 1}")
     return trajectory

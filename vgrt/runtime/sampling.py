@@ -1,6 +1,7 @@
 """The sampling loop: x_T -> x_0 with a diffusers scheduler (DDIM, DPM-Solver++) over any UNet runner."""
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,7 +12,8 @@ from vgrt.engines.base import Runner
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.guided_unet import BeforeStep, GuidedUNet, check_guidance_scale
-from vgrt.runtime.schedulers import check_steps, set_timesteps
+from vgrt.runtime.nonfinite import FirstNonFiniteStep
+from vgrt.runtime.schedulers import SchedulerSettings, check_steps, set_timesteps
 
 # after_step(step_index, timestep, latents): runs after each scheduler step and may edit the new
 # latents in place (background re-pasting, local blending with inverted latents).
@@ -38,12 +40,20 @@ class SamplingSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_steps(self.steps)
+        check_step_count(self.steps)
         check_guidance_scale(self.guidance_scale)
-        if not self.eta >= 0:
-            raise InvalidInputError(f"eta must be >= 0, got {self.eta}")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise InvalidInputError(f"eta must be >= 0 and finite, got {self.eta}")
         if not 0 <= self.start_step < self.steps:
             raise InvalidInputError(f"start_step must lie in [0, steps={self.steps}), got {self.start_step}")
+
+
+def check_step_count(steps: int) -> None:
+    """Steps must be a whole number from 1 to the schedule's training timesteps, checked before any work."""
+    check_steps(steps)
+    most = SchedulerSettings.num_train_timesteps
+    if steps > most:
+        raise InvalidInputError(f"steps={steps} exceeds the schedule's {most} training timesteps; use at most {most}")
 
 
 def random_latents(
@@ -70,13 +80,15 @@ def denoise(
     `scheduler` is a diffusers scheduler whose model input is the latent itself (DDIM, DPM-Solver;
     see vgrt.runtime.schedulers); the loop calls its set_timesteps. `generator` drives the noise of
     stochastic steps (eta > 0). With an onnxruntime runner, OrtSettings(reuse_outputs=True) saves a copy
-    per step: the loop is done with each output before the next call.
+    per step: the loop is done with each output before the next call. NaN or infinite latents raise
+    NumericalError naming the first bad step, once the loop is over (no host read per step).
     """
     options = _step_options(scheduler, settings.eta, generator)
     set_timesteps(scheduler, settings.steps)
     latents = latents.clone()
     unet = GuidedUNet(runner, conditioning, settings.guidance_scale, latents, scheduler.timesteps)
     steps = range(settings.start_step, settings.steps)
+    watch = FirstNonFiniteStep("denoise", latents.device)
     for i in tqdm(steps, desc="denoise", disable=not settings.progress):
         t = scheduler.timesteps[i]
         if before_step is not None:
@@ -84,6 +96,8 @@ def denoise(
         latents = scheduler.step(unet(latents, i), t, latents, **options)[0]
         if after_step is not None:
             after_step(i, t, latents)
+        watch.update(i, latents)
+    watch.check(f"steps {steps.start}-{steps.stop - 1}")
     return latents
 
 

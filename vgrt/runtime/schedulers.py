@@ -11,11 +11,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from vgrt.errors import InvalidInputError
+from vgrt.library_noise import warnings_silenced
 from vgrt.models.presets import Preset, get_preset
 
 SCHEDULERS = ("ddim", "ddim_inverse", "dpmsolver++")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
+# DPM-Solver's set_timesteps passes a torch tensor to np.array; numpy 2 warns about torch's __array__.
+_NUMPY_COPY_DEPRECATION = (DeprecationWarning, "__array__ implementation doesn't accept a copy keyword")
 
 
 @dataclass(frozen=True)
@@ -87,4 +90,5 @@ def set_timesteps(scheduler, steps: int) -> None:
         raise InvalidInputError(
             f"steps={steps} exceeds the scheduler's {scheduler.config.num_train_timesteps} training timesteps"
         )
-    scheduler.set_timesteps(steps)
+    with warnings_silenced(_NUMPY_COPY_DEPRECATION):
+        scheduler.set_timesteps(steps)

@@ -11,7 +11,7 @@ from vgrt.runtime.methods.common import to_latent_grid
 
 
 def request(**overrides) -> aicomposer.AIComposerRequest:
-    settings = dict(steps=6, inversion_steps=3, image_token_end=4, adain_end=3, prompt="a red cube")
+    settings = {"steps": 6, "inversion_steps": 3, "image_token_end": 4, "adain_end": 3, "prompt": "a red cube"}
     settings.update(overrides)
     return aicomposer.AIComposerRequest(
         random_image(1), box_mask(4, 28, 6, 26), random_image(2), box_mask(8, 24, 4, 20), **settings
@@ -107,10 +107,10 @@ def test_adaptive_latent_normalization_takes_the_reference_statistics():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(foreground_mask=torch.zeros(1, 1, 32, 32)), "foreground mask is empty"),
-        (dict(placement=torch.ones(1, 1, 16, 16)), r"placement mask has shape"),
-        (dict(steps=6, inversion_steps=0), r"inversion_steps=0 must lie in \[1, steps=6\)"),
-        (dict(image_token_end=2), r"image_token_end=2 must lie in \[inversion_steps=3, steps=6\)"),
+        ({"foreground_mask": torch.zeros(1, 1, 32, 32)}, "foreground mask is empty"),
+        ({"placement": torch.ones(1, 1, 16, 16)}, r"placement mask has shape"),
+        ({"steps": 6, "inversion_steps": 0}, r"inversion_steps=0 must lie in \[1, steps=6\)"),
+        ({"image_token_end": 2}, r"image_token_end=2 must lie in \[inversion_steps=3, steps=6\)"),
     ],
 )
 def test_bad_requests_are_refused_before_any_engine_runs(overrides, message):

@@ -14,10 +14,10 @@ from .inputs import random_image
 
 
 def request(**changes) -> locref.LocRefRequest:
-    fields = dict(
-        prompt="a dog and a cat", references=(random_image(4, 40), random_image(5, 24)),
-        boxes=(Box(0, 0, 16, 16), Box(16, 12, 32, 32)), width=32, height=32, steps=4,
-    )  # fmt: skip
+    fields = {
+        "prompt": "a dog and a cat", "references": (random_image(4, 40), random_image(5, 24)),
+        "boxes": (Box(0, 0, 16, 16), Box(16, 12, 32, 32)), "width": 32, "height": 32, "steps": 4,
+    }  # fmt: skip
     return locref.LocRefRequest(**{**fields, **changes})
 
 
@@ -33,7 +33,9 @@ def test_instance_tokens_act_only_inside_their_boxes():
     layout = locref.layout_inputs(request(), tokens_per_image=5, latent_hw=(4, 4))
     torch.manual_seed(0)
     attn = Attention(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8).eval()
-    processor = CrossAttentionProcessor(frozenset({"extra_tokens", "regions"}), block=0, factor=1, context_dim=16, inner_dim=32)
+    processor = CrossAttentionProcessor(
+        frozenset({"extra_tokens", "regions"}), block=0, factor=1, context_dim=16, inner_dim=32
+    )
     hidden, text, tokens = torch.randn(1, 16, 32), torch.randn(1, 7, 16), torch.randn(1, 15, 16)
 
     def run(extra):
@@ -57,7 +59,12 @@ def test_bad_layouts_fail_early():
         (request(boxes=(Box(0, 0, 16, 16),)), "2 reference images but 1 boxes"),
         (request(boxes=(Box(0, 0, 16, 16), Box(20, 20, 40, 40))), "outside the 32x32 image"),
         (request(references=(), boxes=()), "at least one reference"),
-        (request(references=(torch.zeros(3, 8, 8), random_image(1)),), r"\[1, 3, H, W\]"),
+        (
+            request(
+                references=(torch.zeros(3, 8, 8), random_image(1)),
+            ),
+            r"\[1, 3, H, W\]",
+        ),
     ]
     for bad, pattern in cases:
         with pytest.raises(InvalidInputError, match=pattern):

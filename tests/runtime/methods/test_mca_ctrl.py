@@ -46,6 +46,7 @@ def test_reference_branches_follow_their_inversion(composers, monkeypatch):
         def recording(i, t, latents, feed):
             before_step(i, t, latents, feed)
             seen.setdefault("rows", []).append(latents[:2].clone())
+
         return real_denoise(*args, before_step=recording, **kwargs)
 
     monkeypatch.setattr(mca_ctrl, "invert", spy_invert)

@@ -7,7 +7,7 @@ from vgrt.errors import InvalidInputError
 # plugin: vgrt::MaskedAttention nodes run the vgrt plugin (Triton kernel that skips masked tiles);
 # native: they become the ONNX Attention op, which TensorRT (>= 10.14) lowers to its own fused attention.
 ATTENTION_ROUTES = ("plugin", "native")
-OPTIMIZATION_LEVELS = range(0, 6)
+OPTIMIZATION_LEVELS = range(6)
 
 
 @dataclass(frozen=True)

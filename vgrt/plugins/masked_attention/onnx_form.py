@@ -24,7 +24,11 @@ _FP16_LOWEST = -65504.0
 def _const(name: str, value: float | list[int], like: str | None = None) -> list[onnx.NodeProto]:
     """A Constant node (int64 list, or a float scalar cast like tensor `like`)."""
     if isinstance(value, list):
-        return [helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_v", TensorProto.INT64, [len(value)], value))]
+        return [
+            helper.make_node(
+                "Constant", [], [name], value=helper.make_tensor(name + "_v", TensorProto.INT64, [len(value)], value)
+            )
+        ]
     raw = name + "_f32"
     return [
         helper.make_node("Constant", [], [raw], value=helper.make_tensor(raw + "_v", TensorProto.FLOAT, [], [value])),

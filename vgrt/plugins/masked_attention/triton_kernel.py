@@ -35,17 +35,48 @@ def _kernel():
 
     @triton.jit
     def masked_attention_fwd(
-        Q, K, V, Bias, TileMask, Out,
-        sq_b, sq_h, sq_m, sq_d,
-        sk_b, sk_h, sk_n, sk_d,
-        sv_b, sv_h, sv_n, sv_d,
-        sb_b, sb_h, sb_m, sb_n,
-        st_b, st_h, st_m, st_n,
-        so_b, so_h, so_m, so_d,
-        num_heads, len_q, len_k, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        Bias,
+        TileMask,
+        Out,
+        sq_b,
+        sq_h,
+        sq_m,
+        sq_d,
+        sk_b,
+        sk_h,
+        sk_n,
+        sk_d,
+        sv_b,
+        sv_h,
+        sv_n,
+        sv_d,
+        sb_b,
+        sb_h,
+        sb_m,
+        sb_n,
+        st_b,
+        st_h,
+        st_m,
+        st_n,
+        so_b,
+        so_h,
+        so_m,
+        so_d,
+        num_heads,
+        len_q,
+        len_k,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BIAS_KIND: tl.constexpr,  # 0: none, 1: additive float, 2: bool (nonzero = attend)
-        HAS_TILE_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_TILE_MASK: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         tile_m = tl.program_id(0)
         b = tl.program_id(1) // num_heads
@@ -56,8 +87,11 @@ def _kernel():
         row_ok = offs_m < len_q
         d_ok = offs_d < HEAD_DIM  # the D tile is padded to a power of two; padded lanes load zeros
 
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
         kt_ptrs = K + b * sk_b + h * sk_h + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d  # k^T tile
         v_ptrs = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
         bias_offs = b * sb_b + h * sb_h + offs_m[:, None] * sb_m + offs_n[None, :] * sb_n
@@ -97,8 +131,11 @@ def _kernel():
         # (Testing == 0 rather than > 0 lets a NaN in the inputs show in the output, as in the reference.)
         no_key = row_sum == 0
         out = tl.where(no_key[:, None], 0.0, acc / tl.where(no_key, 1.0, row_sum)[:, None])
-        tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
 
     return masked_attention_fwd
 
@@ -176,11 +213,29 @@ def _launch(q, k, v, bias, scale, block_mask) -> torch.Tensor:
     grid = (_tile_counts(len_q, len_k)[0], batch * heads)
     block_d = max(16, 1 << (head_size - 1).bit_length())  # tl.dot needs power-of-two tiles of at least 16
     kernel[grid](
-        q, k, v, bias, block_mask, out,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *tile_strides, *out.stride(),
-        heads, len_q, len_k, q.shape[-1] ** -0.5 if scale is None else float(scale),
-        HEAD_DIM=head_size, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BIAS_KIND=bias_kind, HAS_TILE_MASK=block_mask is not None, DOT_DTYPE=dot_dtype,
+        q,
+        k,
+        v,
+        bias,
+        block_mask,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias_strides,
+        *tile_strides,
+        *out.stride(),
+        heads,
+        len_q,
+        len_k,
+        q.shape[-1] ** -0.5 if scale is None else float(scale),
+        HEAD_DIM=head_size,
+        BLOCK_D=block_d,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BIAS_KIND=bias_kind,
+        HAS_TILE_MASK=block_mask is not None,
+        DOT_DTYPE=dot_dtype,
         # fp32 dots as in the reference (PyTorch does not use TF32 for matmuls by default).
         DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         num_warps=4 if block_d <= 64 else 8,

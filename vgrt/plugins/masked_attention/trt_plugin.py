@@ -21,7 +21,6 @@ as classes.
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Union
 
 from vgrt._lazy import require
 from vgrt.errors import InvalidInputError, VgrtError
@@ -322,7 +321,7 @@ def register_plugin() -> str:
     def masked_attention_aot(
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc,
         outputs: tuple[trtp.TensorDesc], tactic: int,
-    ) -> tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:  # fmt: skip
         config = config_of(q)
         kernel = compile_plugin_kernel(config)
         launch = trtp.KernelLaunchParams()

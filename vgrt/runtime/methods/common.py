@@ -71,6 +71,8 @@ def check_pair(image: torch.Tensor, mask: torch.Tensor, name: str) -> None:
     if image.dim() != 4 or image.shape[:2] != (1, 3):
         raise InvalidInputError(f"{name} must be an RGB tensor [1, 3, H, W], got {tuple(image.shape)}")
     if mask.shape != (1, 1, *image.shape[2:]):
-        raise InvalidInputError(f"{name} mask has shape {tuple(mask.shape)}, expected (1, 1, {image.shape[2]}, {image.shape[3]})")
+        raise InvalidInputError(
+            f"{name} mask has shape {tuple(mask.shape)}, expected (1, 1, {image.shape[2]}, {image.shape[3]})"
+        )
     if not mask.any():
         raise InvalidInputError(f"{name} mask is empty: it must mark at least one pixel")

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
+from vgrt.models.presets import ShapeProfile
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.images import Box
@@ -52,13 +54,33 @@ class LocRefRequest:
         if not self.references:
             raise InvalidInputError("LocRef needs at least one reference image with its box")
         if len(self.references) != len(self.boxes):
-            raise InvalidInputError(f"got {len(self.references)} reference images but {len(self.boxes)} boxes: give one box each")
+            raise InvalidInputError(
+                f"got {len(self.references)} reference images but {len(self.boxes)} boxes: give one box each"
+            )
         for image in self.references:
             if image.dim() != 4 or image.shape[:2] != (1, 3):
                 raise InvalidInputError(f"a reference must be an RGB tensor [1, 3, H, W], got {tuple(image.shape)}")
         for box in self.boxes:
             box.check_inside(self.width, self.height)
         SamplingSettings(steps=self.steps, guidance_scale=self.guidance_scale)
+        check_seed(self.seed)
+
+
+def max_references(profile: ShapeProfile) -> int:
+    """References one exported UNet (and one image-encoder batch, the composite included) can take."""
+    tokens = 1 + POOLED_GRID**2
+    return min(profile.regions.max, profile.extra_tokens.max // tokens - 1, profile.batch.max - 1)
+
+
+def check_reference_count(count: int, profile: ShapeProfile) -> None:
+    most = max_references(profile)
+    if count > most:
+        raise InvalidInputError(
+            f"{count} reference images, but the exported profile takes at most {most}: regions up to "
+            f"{profile.regions.max}, extra tokens up to {profile.extra_tokens.max} at {1 + POOLED_GRID**2} per image "
+            f"plus the composite's, image-encoder batch up to {profile.batch.max} with the composite; give at most "
+            f"{most} references"
+        )
 
 
 def image_tokens(composer: Composer, images: list[torch.Tensor]) -> torch.Tensor:
@@ -93,11 +115,16 @@ def layout_inputs(request: LocRefRequest, tokens_per_image: int, latent_hw: tupl
     token_regions = torch.zeros(1, instances, (instances + 1) * tokens_per_image)
     for r in range(instances):
         token_regions[0, r, r * tokens_per_image : (r + 1) * tokens_per_image] = 1.0
-    return {"region_masks": region_masks, "token_regions": token_regions, "extra_gate": region_masks.amax(1, keepdim=True)}
+    return {
+        "region_masks": region_masks,
+        "token_regions": token_regions,
+        "extra_gate": region_masks.amax(1, keepdim=True),
+    }
 
 
 def compose(composer: Composer, request: LocRefRequest) -> Composition:
     request.validate()
+    check_reference_count(len(request.references), composer.preset.profile)
     composer.check_image_size(request.width, request.height)
     unet = composer.runner("unet", FEATURES)
     composer.open("text_encoder", "image_encoder", "appearance_net", "vae_decoder")

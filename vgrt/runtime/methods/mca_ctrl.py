@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning, unet_inputs
@@ -71,6 +72,7 @@ class McaCtrlRequest:
                 "must have the same size"
             )
         SamplingSettings(steps=self.steps, guidance_scale=self.guidance_scale)  # validates both
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,12 @@ def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
         )  # fmt: skip
 
     phases = _phase_feeds(unet.spec, request, branches, rows, masks, empty, prompt, blocks)
-    start = torch.cat([trajectory[-1], trajectory[-1][: 1]]) if request.mode == "edit" else torch.cat(
-        [trajectory[-1], random_latents(trajectory[-1].shape, torch.Generator().manual_seed(request.seed))]
+    start = (
+        torch.cat([trajectory[-1], trajectory[-1][:1]])
+        if request.mode == "edit"
+        else torch.cat(
+            [trajectory[-1], random_latents(trajectory[-1].shape, torch.Generator().manual_seed(request.seed))]
+        )
     )
 
     def before_step(i, t, latents, feed):

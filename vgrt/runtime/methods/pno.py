@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from vgrt.errors import InvalidInputError, VgrtError
+from vgrt.checks import check_seed
+from vgrt.errors import InvalidInputError, NumericalError, VgrtError
 from vgrt.runtime.grad_sampling import sample_with_grad
 from vgrt.runtime.methods.common import clip_pixels
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
@@ -78,6 +79,8 @@ class PnoSettings:
                 raise InvalidInputError(f"PNO {name} must be a finite number > 0, got {value!r} (VCF runs {usual})")
         if not (math.isfinite(self.noise_weight) and self.noise_weight >= 0):
             raise InvalidInputError(f"PNO noise_weight must be a finite number >= 0, got {self.noise_weight!r}")
+        check_seed(self.seed, "PNO seed")
+        check_seed(self.seed + self.iterations, "PNO seed + iterations")  # iteration i seeds with seed + i
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,12 @@ def optimize(
     for i in range(settings.iterations + 1):
         iteration_started = time.perf_counter()
         updating = i < settings.iterations
-        with torch.set_grad_enabled(updating):
-            terms = objective(context, noise, torch.Generator().manual_seed(settings.seed + i))
+        try:
+            with torch.set_grad_enabled(updating):
+                terms = objective(context, noise, torch.Generator().manual_seed(settings.seed + i))
+        except NumericalError as err:  # the sampling went NaN: stop as for a non-finite loss
+            stopped = f"at iteration {i} (after {i} updates), {err}"
+            break
         loss = terms.total.item()
         if not math.isfinite(loss):
             stopped = f"the loss became {loss} at iteration {i} (after {i} updates)"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
 from vgrt.models.presets import Range
 from vgrt.runtime.composer import Composer
@@ -78,6 +79,7 @@ class VcfRequest:
         if not torch.isfinite(image).all():
             raise InvalidInputError("the reference image has NaN or infinite pixels")
         SamplingSettings(steps=self.steps, guidance_scale=self.guidance_scale)  # validates both
+        check_seed(self.seed)
 
 
 @dataclass

@@ -29,12 +29,14 @@ Ours:
   gradient steps.
 """
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
 from vgrt.models.adapters import OBJECT_TOKENS
 from vgrt.models.presets import ShapeProfile
@@ -95,12 +97,13 @@ class VisualPromptsRequest:
             box.check_inside(self.width, self.height)
         _check_boxes_have_own_area(self.boxes)
         SamplingSettings(steps=self.steps, guidance_scale=self.guidance_scale)
+        check_seed(self.seed)
         if not (isinstance(self.guidance_steps, int) and 0 <= self.guidance_steps <= self.steps):
             raise InvalidInputError(
                 f"guidance_steps must be an integer in [0, steps={self.steps}], got {self.guidance_steps!r}"
             )
-        if not self.guidance_lr > 0:
-            raise InvalidInputError(f"guidance_lr must be > 0, got {self.guidance_lr}")
+        if not (math.isfinite(self.guidance_lr) and self.guidance_lr > 0):
+            raise InvalidInputError(f"guidance_lr must be a finite number > 0, got {self.guidance_lr}")
 
 
 def _check_boxes_have_own_area(boxes: tuple[Box, ...]) -> None:
