@@ -95,3 +95,17 @@ def test_require_names_the_missing_package_even_when_it_is_a_dependency(tmp_path
         "'vgrt_test_broken' is installed but does not import (undefined symbol: cuInit); "
         "reinstall it with: pip install --force-reinstall 'vgrt[cpu]'"
     )
+
+
+@pytest.mark.parametrize("package", ["onnxscript", "onnxruntime"])
+def test_export_checks_the_packages_it_needs_before_building(tmp_path, monkeypatch, package):
+    from vgrt.export import exporter
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the missing package was found")
+
+    monkeypatch.setattr(exporter, "build_component", no_build)
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(MissingDependencyError, match=rf"'{package}' is not installed.*pip install 'vgrt\[cpu\]'"):
+        exporter.export(tmp_path / "out", exporter.ExportSettings(preset="tiny"))
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from vgrt.export import exporter
+from vgrt import library_noise
 
 HARMLESS = [
     ("`isinstance(treespec, LeafSpec)` is deprecated, use `treespec.is_leaf()` instead.", FutureWarning),
@@ -27,19 +27,19 @@ def warn_like_torch_onnx() -> None:
 def test_harmless_warnings_are_dropped_and_others_translated(caplog, capfd):
     with caplog.at_level(logging.INFO, logger="vgrt"), warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning escaping the exporter would fail the test
-        with exporter._library_warnings_translated("unet"):
+        with library_noise.torch_onnx_warnings_translated("unet"):
             warn_like_torch_onnx()
     assert [r.getMessage() for r in caplog.records] == [
         "torch.onnx warned while exporting unet: Constant folding kept a data-dependent shape"
     ]
     assert capfd.readouterr().err == ""
     assert logging.getLogger("torch.onnx").handlers and all(  # torch's own handler is back in place
-        not isinstance(h, exporter._Collector) for h in logging.getLogger("torch.onnx").handlers
+        not isinstance(h, library_noise._Collector) for h in logging.getLogger("torch.onnx").handlers
     )
 
 
 def test_verbose_shows_library_warnings_as_they_arise(caplog):
-    translated = exporter._library_warnings_translated("unet")
+    translated = library_noise.torch_onnx_warnings_translated("unet")
     with caplog.at_level(logging.DEBUG, logger="vgrt"), pytest.warns(UserWarning) as caught, translated:
         warn_like_torch_onnx()
     assert len(caught) == 3 and not [r for r in caplog.records if r.name.startswith("vgrt")]

@@ -9,9 +9,7 @@ atomically with the manifest last (vgrt.export.staging).
 import logging
 import platform
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vgrt
+from vgrt._lazy import require
 from vgrt.errors import InvalidInputError
 from vgrt.export.attention_forms import ATTENTION_FORMS, apply_attention_form, count_custom_nodes
 from vgrt.export.components import build_component, parse_components
@@ -28,6 +27,7 @@ from vgrt.export.manifest import write_manifest
 from vgrt.export.spec import ComponentSpec
 from vgrt.export.staging import atomic_directory, check_replaceable, clean_interrupted, describe_os_error, target_lock
 from vgrt.export.verify import FileStamp, remember, stamp_file
+from vgrt.library_noise import torch_onnx_warnings_translated
 from vgrt.models.features import features_text, parse_features
 from vgrt.models.presets import get_preset
 from vgrt.models.source import ModelSource
@@ -141,6 +141,8 @@ def export(out: str | Path, settings: ExportSettings = ExportSettings()) -> Path
     files vgrt did not write is refused before any work. A second export to `out` waits for the first.
     """
     settings.validate()
+    for package in ("onnxscript", "onnxruntime"):  # needed only after the model is built: check now
+        require(package)
     out = Path(out)
     with ExitStack() as stack:
         try:
@@ -201,7 +203,7 @@ def _export_component(
     log.debug("building %s of %s (features: %s)", name, settings.preset, features_text(features))
     built = build_component(name, source, features, dtype_name)
     fingerprint = model_sha256(built.module)
-    with _library_warnings_translated(name):
+    with torch_onnx_warnings_translated(name):
         model = trace_to_onnx(built.module.to(torch_dtype), built.spec, settings.opset)
         spec_json = built.spec.to_json()
         del built  # the weights now live in `model`; keep one copy in memory, not two
@@ -221,43 +223,6 @@ def _export_component(
         "onnx_sha256": stamps[path.name].sha256,
         "files": {file: {"bytes": stamp.bytes, "sha256": stamp.sha256} for file, stamp in stamps.items()},
     }, stamps
-
-
-# torch.onnx's messages that say nothing about the exported graph: its own deprecations, dynamic axis
-# names it merged (vgrt's specs share names on purpose), and torchvision ops it skips registering.
-_HARMLESS = ("will not be used, since it shares the same shape constraints", "torchvision is not installed")
-
-
-@contextmanager
-def _library_warnings_translated(component: str) -> Iterator[None]:
-    """Keep torch.onnx's per-component warnings and log lines off the terminal, and pass any that may
-    matter on as one vgrt line each. With -v (vgrt logging at DEBUG) everything shows as it arises."""
-    if log.isEnabledFor(logging.DEBUG):
-        yield
-        return
-    torch_onnx = logging.getLogger("torch.onnx")
-    collector = _Collector()
-    handlers, torch_onnx.handlers = torch_onnx.handlers, [collector]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        torch_onnx.handlers = handlers
-    messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning | FutureWarning)]
-    messages += [record.getMessage() for record in collector.records if record.levelno >= logging.WARNING]
-    for message in dict.fromkeys(m.strip().splitlines()[0] for m in messages if m.strip()):
-        if not any(harmless in message for harmless in _HARMLESS):
-            log.warning("torch.onnx warned while exporting %s: %s", component, message)
-
-
-class _Collector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def _apply_graph_passes(model: onnx.ModelProto, settings: ExportSettings) -> list[str]:
