@@ -70,15 +70,23 @@ def composer_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("vgrt-cache")
 
 
+# One OpenVINO thread, for the reason one_torch_thread gives; its compiled models live in the shared cache.
+RUNNER_OPTIONS = {"openvino": {"threads": 1}}
+
+
 @pytest.fixture(scope="session")
 def composers(composer_cache):
+    """composers(backend) -> a tiny-preset Composer on `backend` (torch, onnxruntime, openvino), one per session."""
     from vgrt.runtime.composer import Composer
 
     made = {}
 
     def get(backend: str):
         if backend not in made:
-            made[backend] = Composer.from_preset("tiny", backend=backend, cache=composer_cache, progress=False)
+            made[backend] = Composer.from_preset(
+                "tiny", backend=backend, cache=composer_cache, progress=False,
+                runner_options=RUNNER_OPTIONS.get(backend, {}),
+            )  # fmt: skip
         return made[backend]
 
     yield get

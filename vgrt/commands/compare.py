@@ -2,13 +2,17 @@
 
 import argparse
 
+from vgrt.engines import BACKENDS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="an exported directory (from `vgrt export`)")
     parser.add_argument("--component", default="unet")
     parser.add_argument(
-        "--backends", default="torch,onnxruntime", help="first is the reference (default: torch,onnxruntime)"
-    )
+        "--backends", default="torch,onnxruntime",
+        help=f"two or more of {','.join(BACKENDS)}, comma-separated; the first is the reference "
+        "(default: torch,onnxruntime)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--rtol", type=float, help="fail above this relative error (default: 1e-4 fp32, 1e-2 fp16)")
 
@@ -18,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from vgrt.checks import check_seed
-    from vgrt.engines import BACKENDS, open_runner
+    from vgrt.engines import open_runner
     from vgrt.errors import InvalidInputError
     from vgrt.export import example_feed
     from vgrt.export.manifest import read_manifest

@@ -2,10 +2,17 @@
 
 import argparse
 
+BACKENDS = ("onnxruntime", "torch", "openvino")
+OPENVINO_PRECISIONS = ("fp32", "bf16")  # vgrt.engines.openvino_runner.PRECISIONS, without importing OpenVINO here
+
 
 def _common(parser: argparse.ArgumentParser, steps: int = 50) -> None:
     parser.add_argument("--out", required=True, help="output image (.png or .jpg); written only on success")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    parser.add_argument(
+        "--precision", choices=OPENVINO_PRECISIONS,
+        help="openvino only: the CPU plugin's arithmetic (default: fp32; bf16 needs a CPU with BF16 units)",
+    )  # fmt: skip
     parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
     parser.add_argument(
         "--weights", help="local diffusers folder with real weights (unet/, vae/, text_encoder/, tokenizer/)"
@@ -214,11 +221,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out", IMAGE_SUFFIXES)
     check_writable_folder(args.cache or cache_root(), "--cache" if args.cache else "the cache (--cache or $VGRT_CACHE)")
     check_seed(args.seed, "--seed")
+    runner_options = _runner_options(args)
     preset = get_preset(args.preset)
     compose, request, (width, height) = METHODS[args.method](args, preset)
     request.validate()
     source = ModelSource(args.preset, weights=args.weights)  # --seed is the sampling seed, not the weights'
-    with Composer(source, args.backend, cache=args.cache) as composer:
+    with Composer(source, args.backend, cache=args.cache, runner_options=runner_options) as composer:
         composer.check_image_size(width, height)
         result = compose(composer, request)
         record = provenance(args, request, composer)
@@ -228,6 +236,25 @@ def run(args: argparse.Namespace) -> int:
     if args.weights is None:
         print("note: preset weights are random, so the image is noise-like; use --weights for real images")
     return 0
+
+
+def _runner_options(args: argparse.Namespace) -> dict[str, str]:
+    """The runner settings --precision gives; refused on backends without it, and bf16 on a CPU without
+    BF16 units, before any export."""
+    from vgrt.errors import InvalidInputError
+
+    if args.precision is None:
+        return {}
+    if args.backend != "openvino":
+        raise InvalidInputError(
+            f"--precision {args.precision} is an openvino option, and the backend is {args.backend}; "
+            "add --backend openvino, or leave --precision out"
+        )
+    from vgrt._lazy import require
+    from vgrt.engines.openvino_runner import check_precision
+
+    check_precision(require("openvino").Core(), args.precision)
+    return {"precision": args.precision}
 
 
 def provenance(args: argparse.Namespace, request, composer) -> dict[str, str]:
@@ -248,6 +275,8 @@ def provenance(args: argparse.Namespace, request, composer) -> dict[str, str]:
         "vgrt.preset": source.preset,
         "vgrt.weights": str(Path(source.weights).resolve()) if source.weights else f"random, seed {source.seed}",
     }
+    if composer.backend == "openvino":
+        record["vgrt.precision"] = composer.runner_options.get("precision", "fp32")
     if hasattr(request, "seed"):  # AIComposer starts from an inversion, not from seeded noise
         record["vgrt.seed"] = str(request.seed)
     return record

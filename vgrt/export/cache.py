@@ -2,9 +2,9 @@
 
 The key covers the export settings (preset, components, features, dtype, opset, attention form, seed),
 the weights (path, size and modification time of every file under it: a changed file gives a new
-key without hashing gigabytes on every start) and the versions of vgrt, torch and onnx. Each entry has
-a lock (vgrt.export.staging): a process that needs an entry another one is exporting waits for it and
-reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
+key without hashing gigabytes on every start), the versions of vgrt, torch and onnx, and the versions of
+graph passes that may change within a vgrt release (vgrt.export.group_norm). Each entry has a lock
+(vgrt.export.staging): a process that needs an entry another one is exporting waits for it and reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
 damaged one is reported in one line and exported again, and what a killed export left is removed.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vgrt._lazy import is_available
 from vgrt.errors import ArtifactError, InvalidInputError
+from vgrt.export import group_norm
 from vgrt.export.exporter import ExportSettings, write_export
 from vgrt.export.manifest import read_manifest
 from vgrt.export.staging import clean_interrupted, describe_os_error, discard_directory, sweep_interrupted, target_lock
@@ -51,6 +52,7 @@ def cache_key(settings: ExportSettings) -> str:
         "settings": dataclasses.asdict(settings),
         "weights": weights_fingerprint(settings.weights),
         "versions": [vgrt.__version__, torch.__version__, _installed_version("onnx")],
+        "passes": {"group_norm": group_norm.PASS_VERSION},  # a changed pass makes new exports under one vgrt version
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -2,8 +2,9 @@
 
 Steps (each a small function): validate every argument and the output location before any work, build
 the module, trace it with torch.onnx (dynamo) at sizes distinct per dynamic dim, choose the attention
-form, keep the fp16 overflow spots in fp32, record every file's size and sha256, write everything
-atomically with the manifest last (vgrt.export.staging).
+form, keep the fp16 overflow spots in fp32, compute GroupNormalization in a stable two-pass form
+(vgrt.export.group_norm), record every file's size and sha256, write everything atomically with the
+manifest last (vgrt.export.staging).
 """
 
 import logging
@@ -23,6 +24,7 @@ from vgrt.errors import InvalidInputError
 from vgrt.export.attention_forms import ATTENTION_FORMS, apply_attention_form, count_custom_nodes
 from vgrt.export.components import build_component, parse_components
 from vgrt.export.fp16 import keep_ops_in_fp32
+from vgrt.export.group_norm import decompose_group_norms
 from vgrt.export.manifest import write_manifest
 from vgrt.export.spec import ComponentSpec
 from vgrt.export.staging import atomic_directory, check_replaceable, clean_interrupted, describe_os_error, target_lock
@@ -226,7 +228,7 @@ def _export_component(
 
 
 def _apply_graph_passes(model: onnx.ModelProto, settings: ExportSettings) -> list[str]:
-    """Run the fp16 and attention-form passes on a weightless copy of `model` and take its structure
+    """Run the fp16, GroupNormalization and attention-form passes on a weightless copy of `model` and take its structure
     back: the passes serialize the model, which protobuf refuses above 2 GB (an SD UNet in fp32)."""
     skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
     for field in ("node", "input", "output", "value_info"):
@@ -236,6 +238,7 @@ def _apply_graph_passes(model: onnx.ModelProto, settings: ExportSettings) -> lis
         stub.data_location = onnx.TensorProto.EXTERNAL
         stub.external_data.add(key="location", value="weights-not-loaded")
     fp32_ops = keep_ops_in_fp32(skeleton) if settings.dtype == "fp16" else []
+    decompose_group_norms(skeleton)  # after the fp16 pass: its casts around the node then enclose the new ops
     skeleton = apply_attention_form(skeleton, settings.attention_form)
     for field in ("node", "value_info"):
         model.graph.ClearField(field)

@@ -19,7 +19,7 @@ from typing import Any, Self
 
 import torch
 
-from vgrt.engines import BACKENDS, open_runner
+from vgrt.engines import BACKENDS, check_settings, open_runner
 from vgrt.engines.base import Runner
 from vgrt.errors import InvalidInputError
 from vgrt.export.cache import cached_export
@@ -40,12 +40,13 @@ class Composer:
 
     Args:
         source: preset and seed, or a local weights folder.
-        backend: 'onnxruntime' (default) or 'torch'.
+        backend: 'onnxruntime' (default), 'torch' or 'openvino' (vgrt.engines.BACKENDS).
         dtype: 'fp32' or 'fp16' engines.
         cache: export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt).
         progress: show progress bars.
         runner_options: keyword settings for every runner it opens, as `open_runner` takes them
-            (OrtSettings fields for onnxruntime, e.g. intra_op_threads; device for torch).
+            (OrtSettings fields for onnxruntime, e.g. intra_op_threads; OpenVinoSettings fields for
+            openvino, e.g. precision='bf16' or threads; device for torch); unknown names are refused here.
         runner_hook: called with (component, active runner) as each runner opens; the runner it
             returns is the one used (`vgrt bench compose` wraps the UNet runners to time their calls).
     """
@@ -65,6 +66,8 @@ class Composer:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InvalidInputError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if self.runner_options:  # refused before any export, not at the first runner
+            check_settings(self.backend, self.runner_options)
         self.preset: Preset = get_preset(self.source.preset)
         self.tokenizer: PromptTokenizer = load_tokenizer(self.source)
 
