@@ -176,7 +176,6 @@ class Composer:
 
     def check_image_size(self, width: int, height: int) -> None:
         """Refuse image sizes the preset's engines cannot take, before any engine runs."""
-        from vgrt.runtime.images import check_image_size
+        from vgrt.runtime.images import check_preset_image_size
 
-        f, p = self.preset.vae_factor, self.preset.profile.latent
-        check_image_size(width, height, f * self.preset.latent_factor, p.min * f, p.max * f)
+        check_preset_image_size(self.preset, width, height)

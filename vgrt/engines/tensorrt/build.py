@@ -25,7 +25,7 @@ from vgrt.engines.tensorrt.gpu import Gpu, current_gpu
 from vgrt.engines.tensorrt.library import require_tensorrt
 from vgrt.engines.tensorrt.profiles import profile_from_spec
 from vgrt.engines.tensorrt.settings import BuildSettings
-from vgrt.errors import ArtifactError, InvalidInputError, VgrtError
+from vgrt.errors import InvalidInputError, VgrtError
 from vgrt.export.manifest import ComponentEntry, Manifest, read_manifest
 from vgrt.export.spec import ComponentSpec
 
@@ -133,7 +133,7 @@ def build_engine(
     if manifest.data["settings"]["dtype"] != "fp16":
         log.warning("%s is exported in %s, so its engine will be too; export with --dtype fp16 for an fp16 engine",
                     entry.name, manifest.data["settings"]["dtype"])  # fmt: skip
-    _check_onnx_unchanged(manifest, entry)
+    manifest.path(entry)  # the key names the ONNX by its hash: every file it reads must be the exported one
     key = engine_key(manifest, entry, settings, trt.__version__, current_gpu())
     cache = EngineCache(cache_dir or default_cache_dir(directory))
     if cache.load(key) is not None:
@@ -147,17 +147,3 @@ def build_engine(
     log.info("building %s engine from %s (attention: %s)", entry.name, onnx_path.name, settings.attention)
     engine = EngineBytesFromOnnxPath(onnx_path, entry.spec, cache.timing_cache_path(key), settings.optimization_level)()
     return cache.store(key, engine)
-
-
-def _check_onnx_unchanged(manifest: Manifest, entry: ComponentEntry) -> None:
-    """The key names the ONNX by the manifest's hash: the file on disk must still be that ONNX."""
-    expected = manifest.data["components"][entry.name]["onnx_sha256"]
-    digest = hashlib.sha256()
-    with manifest.path(entry).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise ArtifactError(
-            f"{str(manifest.path(entry))!r} changed since it was exported (its sha256 is not the manifest's); "
-            "export again"
-        )
