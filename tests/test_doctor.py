@@ -10,6 +10,7 @@ import torch
 
 from vgrt import doctor
 from vgrt.cli import main
+from vgrt.engines.cpu_features import read_cpu_features
 
 
 def report(capsys) -> dict[str, dict[str, object]]:
@@ -77,3 +78,22 @@ def test_an_installed_package_that_fails_to_import_says_how(tmp_path, monkeypatc
         None,
         "installed but does not import: ImportError: cannot import name X from y",
     )
+
+
+def test_cpu_features_name_the_units_each_precision_finds(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni\n\n"
+                       "processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")  # fmt: skip
+    features = read_cpu_features(cpuinfo)
+    assert (features.model, features.bf16, features.int8) == ("Some CPU", False, True)
+    assert features.describe().endswith("fp32: AVX512F+AVX2, bf16: no units (emulated), int8: AVX512_VNNI")
+
+
+def test_cpu_without_cpuinfo_says_so(tmp_path):
+    features = read_cpu_features(tmp_path / "absent")
+    assert features.bf16 is None and features.int8 is None
+    assert "instruction sets unknown" in features.describe()
+
+
+def test_doctor_reports_this_cpu(capsys):
+    assert report(capsys)["cpu"] == {"ok": True, "detail": read_cpu_features().describe()}

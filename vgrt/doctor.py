@@ -70,6 +70,29 @@ def _onnxruntime_tensorrt() -> tuple[bool, str]:
     return True, "TensorRT provider in this build (sessions are checked for a silent fallback)"
 
 
+def _cpu() -> tuple[bool, str]:
+    from vgrt.engines.cpu_features import read_cpu_features
+
+    return True, read_cpu_features().describe()
+
+
+def _openvino() -> tuple[bool, str]:
+    openvino, why = _import("openvino")
+    if openvino is None:
+        return False, f"{why}: pip install 'vgrt[openvino]'"
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return True, f"{openvino.__version__}, CPU plugin precisions: {', '.join(capabilities)}"
+
+
+def _openvino_bf16() -> tuple[bool, str]:
+    openvino, why = _import("openvino")
+    if openvino is None:
+        return False, f"openvino is {why}"
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return False, "this CPU has no bf16 units (AVX512_BF16 or AMX): OpenVINO would emulate bf16, slower than fp32"
+    return True, "the CPU plugin runs bf16 on this CPU's bf16 units"
+
+
 def _triton() -> tuple[bool, str]:
     triton, why = _import("triton")
     return (True, triton.__version__) if triton else (False, f"{why}: pip install 'vgrt[gpu]'")
@@ -108,8 +131,11 @@ def _plugin() -> tuple[bool, str]:
 CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
     "python": lambda: (True, platform.python_version()),
     "torch": _torch,
+    "cpu": _cpu,
     "gpu": _gpu,
     "onnxruntime": _onnxruntime,
+    "openvino": _openvino,
+    "openvino-bf16": _openvino_bf16,
     "onnxruntime-cuda": _onnxruntime_cuda,
     "onnxruntime-tensorrt": _onnxruntime_tensorrt,
     "triton": _triton,

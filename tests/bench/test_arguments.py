@@ -20,9 +20,9 @@ def test_unknown_suite_lists_the_suites(capsys, tmp_path):
 
 
 def test_unknown_backend_lists_the_suites_backends(capsys, tmp_path):
-    err = bench_error(capsys, tmp_path, "unet", "--quick", "--backends", "torch,openvino")
-    assert "unknown backend(s) 'openvino' for the unet suite" in err
-    assert "it times: torch, onnxruntime, onnxruntime-cuda, tensorrt" in err
+    err = bench_error(capsys, tmp_path, "unet", "--quick", "--backends", "torch,onnx-runtime")
+    assert "unknown backend(s) 'onnx-runtime' for the unet suite" in err
+    assert "it times: torch, torch-bf16, onnxruntime, openvino, openvino-bf16, onnxruntime-cuda, tensorrt" in err
     assert "available here: torch" in err
 
 

@@ -8,7 +8,7 @@ from tests.bench.helpers import results_by_backend, run_bench
 @pytest.fixture(scope="module")
 def unet_run(tiny_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-unet")
-    return run_bench("unet", "--quick", "--backends", "torch,onnxruntime", "--export-dir", str(tiny_export()), out=out)
+    return run_bench("unet", "--quick", "--backends", "torch,torch-bf16,onnxruntime,openvino", "--export-dir", str(tiny_export()), out=out)
 
 
 def test_every_backend_has_samples_and_a_ratio(unet_run):
@@ -16,11 +16,13 @@ def test_every_backend_has_samples_and_a_ratio(unet_run):
     (case,) = run["cases"]
     assert case["params"] == {"preset": "tiny", "batch": 2, "latent": "16x16", "features": "none", "dtype": "fp32"}
     by_backend = results_by_backend(run)
-    assert set(by_backend) == {"torch", "onnxruntime"}
+    assert set(by_backend) == {"torch", "torch-bf16", "onnxruntime", "openvino"}
     for (result,) in by_backend.values():
         assert len(result["samples_s"]) == run["settings"]["timing"]["repeats"]
         assert all(s > 0 for s in result["samples_s"]) and result["ratio_to_torch"] > 0
-    assert by_backend["onnxruntime"][0]["max_abs_diff"] < 1e-4  # the same model ran on both
+    assert by_backend["onnxruntime"][0]["max_abs_diff"] < 1e-4  # the same model ran on all of them
+    assert by_backend["openvino"][0]["max_abs_diff"] < 1e-4
+    assert 1e-4 < by_backend["torch-bf16"][0]["max_abs_diff"] < 0.1  # autocast really ran in bf16
 
 
 def test_the_run_records_its_context(unet_run):

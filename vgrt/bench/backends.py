@@ -11,7 +11,10 @@ BASELINE = "torch"
 # The `vgrt doctor` checks each backend needs to pass.
 _DOCTOR_CHECKS = {
     "torch": (),
+    "torch-bf16": (),  # PyTorch's own bf16 peer: the same module under CPU autocast
     "onnxruntime": ("onnxruntime",),
+    "openvino": ("openvino",),
+    "openvino-bf16": ("openvino", "openvino-bf16"),
     "onnxruntime-cuda": ("gpu", "onnxruntime-cuda"),
     "tensorrt": ("gpu", "tensorrt", "polygraphy"),
     "triton": ("gpu", "triton"),

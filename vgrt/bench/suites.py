@@ -22,7 +22,7 @@ SUITES: dict[str, Suite] = {
         "one UNet call per backend, preset, batch, latent size, feature set and precision",
         "vgrt.bench.unet_suite",
         frozenset({"presets", "batches", "latents", "features", "dtypes", "backends", "export_dir"}),
-        ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt"),
+        ("torch", "torch-bf16", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-cuda", "tensorrt"),
     ),
     "attention": Suite(
         "attention",

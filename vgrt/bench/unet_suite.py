@@ -2,7 +2,8 @@
 
 Each (preset, features, dtype) is exported once, in a child process (so this process's peak memory is
 the runners'), into a temporary directory, or taken from --export-dir. Its runners stay open for every
-batch and latent size: one PyTorch module plus one session per ONNX Runtime backend at a time.
+batch and latent size: one PyTorch module (which `torch-bf16` runs under CPU autocast, PyTorch's own
+bf16 peer) plus one engine per other backend at a time.
 """
 
 import itertools
@@ -39,7 +40,11 @@ def run(settings: BenchSettings) -> SuiteOutput:
         with _exported(export_settings, settings.export_dir) as (directory, made):
             exports.append(made)
             with ExitStack() as stack:
-                runners = {b: stack.enter_context(_runner(directory, b, device, ort)) for b in settings.backends}
+                runners = {
+                    backend: stack.enter_context(_runner(directory, backend, device, ort, settings.threads))
+                    for backend in settings.backends
+                    if backend != "torch-bf16"  # the torch module, under autocast
+                }
                 cases += _time_sizes(directory, runners, settings, device)
     details = {"torch_device": device, "onnxruntime": asdict(ort), "exports": exports}
     return SuiteOutput("+".join(settings.presets), tuple(cases), details)
@@ -61,12 +66,15 @@ def _exported(export_settings: ExportSettings, export_dir: str | None) -> Iterat
         yield Path(tmp) / "unet", made
 
 
-def _runner(directory: Path, backend: str, device: str, ort: OrtSettings):
+def _runner(directory: Path, backend: str, device: str, ort: OrtSettings, threads: int):
     if backend == "torch":
         return open_runner(directory, backend="torch", device=device)
     if backend in ("onnxruntime", "onnxruntime-cuda"):
         provider = "cuda" if backend == "onnxruntime-cuda" else "cpu"
         return open_runner(directory, backend="onnxruntime", **{**asdict(ort), "provider": provider})
+    if backend in ("openvino", "openvino-bf16"):
+        precision = "bf16" if backend == "openvino-bf16" else "fp32"
+        return open_runner(directory, backend="openvino", precision=precision, threads=threads, reuse_outputs=True)
     from vgrt.engines.tensorrt.build import build_engine
 
     build_engine(directory)  # or finds it in the export's engine cache; not part of the timing
@@ -85,8 +93,11 @@ def _time_sizes(directory: Path, runners: dict, settings: BenchSettings, device:
         feed = random_feed(
             unet.spec, {**unet.spec.profile_sizes("opt"), "batch": batch, "height": latent, "width": latent}
         )
-        competitors = [_competitor(backend, runner, feed, device) for backend, runner in runners.items()]
-        log.info("timing %s batch %d, %dx%d latents: %s", preset, batch, latent, latent, ", ".join(runners))
+        competitors = [
+            _competitor(backend, runners.get(backend) or runners["torch"], feed, device)
+            for backend in settings.backends
+        ]
+        log.info("timing %s batch %d, %dx%d latents: %s", preset, batch, latent, latent, ", ".join(settings.backends))
         latents = f"{latent}x{latent}"
         params = {"preset": preset, "batch": batch, "latent": latents, "features": features, "dtype": dtype}
         measurements = measure(competitors, settings.timing)
@@ -100,4 +111,11 @@ def _competitor(backend: str, runner, feed: dict[str, torch.Tensor], device: str
     feed = {k: v.to("cuda") for k, v in feed.items()} if on_gpu else feed
     clock = "cuda-events" if on_gpu and backend == "torch" else "wall"
     runner.spec.validate(feed)  # once: the timed calls measure the engine, not vgrt's input checks
+    if backend == "torch-bf16":
+        return Competitor(backend, backend, lambda: _autocast_bf16(runner, feed, device), clock)
     return Competitor(backend, backend, lambda: runner.infer(feed, validate=False)["noise_pred"], clock)
+
+
+def _autocast_bf16(runner, feed: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    with torch.autocast(device, dtype=torch.bfloat16):
+        return runner.infer(feed, validate=False)["noise_pred"]
