@@ -15,6 +15,11 @@ _DOCTOR_CHECKS = {
     "onnxruntime": ("onnxruntime",),
     "openvino": ("openvino",),
     "openvino-bf16": ("openvino", "openvino-bf16"),
+    "vgrt-onnxruntime": ("onnxruntime",),
+    "vgrt-openvino": ("openvino",),
+    "vgrt-openvino-bf16": ("openvino", "openvino-bf16"),
+    "optimum-intel": (),  # installed into an environment of its own on first use (vgrt.bench.peer_env)
+    "optimum-intel-bf16": ("openvino-bf16",),
     "onnxruntime-cuda": ("gpu", "onnxruntime-cuda"),
     "tensorrt": ("gpu", "tensorrt", "polygraphy"),
     "triton": ("gpu", "triton"),

@@ -32,7 +32,12 @@ def export_in_child(out: str | Path, settings: ExportSettings) -> ExportSample:
 def run_child(module: str, args: list[str], what: str) -> dict:
     """Run `python -m module ARGS` and return the JSON of its last stdout line; raise VgrtError with the
     end of its stderr, naming `what` failed, if it exits non-zero."""
-    done = subprocess.run([sys.executable, "-m", module, *args], check=False, capture_output=True, text=True)
+    return run_json_command([sys.executable, "-m", module, *args], what)
+
+
+def run_json_command(command: list[str], what: str) -> dict:
+    """Run `command` and return the JSON of its last stdout line (see run_child)."""
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         raise VgrtError(f"{what} failed in its child process (exit {done.returncode}):\n{tail}")

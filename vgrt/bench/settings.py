@@ -16,6 +16,7 @@ _FLAGS = {
     "steps": "--steps", "gradient_steps": "--gradient-steps",
 }  # fmt: skip
 COMPOSE_STEPS, QUICK_COMPOSE_STEPS = 20, 3
+PEER_STEPS, QUICK_PEER_STEPS = 10, 2
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def make_settings(
         quick=quick,
         export_dir=export_dir,
         **(_compose_options(methods, steps, gradient_steps, quick) if suite == "compose" else {}),
+        **(_peer_options(presets, steps, quick) if suite == "peer" else {}),
     )
     _check_models(settings)
     return settings
@@ -130,6 +132,14 @@ def _compose_options(
         "methods": tuple(dict.fromkeys(methods)) if methods else tuple(METHODS),
         "steps": steps or (QUICK_COMPOSE_STEPS if quick else COMPOSE_STEPS),
     }
+
+
+def _peer_options(presets: tuple[str, ...] | None, steps: int | None, quick: bool) -> dict:
+    if presets is not None and len(presets) != 1:
+        raise InvalidInputError(f"the peer suite runs one preset at a time, got --preset {','.join(presets)}")
+    if steps is not None and steps < 1:
+        raise InvalidInputError(f"--steps must be >= 1, got {steps}")
+    return {"steps": steps or (QUICK_PEER_STEPS if quick else PEER_STEPS)}
 
 
 def _default_presets(suite: str, quick: bool) -> tuple[str, ...]:

@@ -45,6 +45,14 @@ SUITES: dict[str, Suite] = {
         frozenset({"presets", "latents", "backends", "methods", "steps", "gradient_steps"}),
         ("torch", "onnxruntime"),
     ),
+    "peer": Suite(
+        "peer",
+        "plain text-to-image against optimum-intel's OVStableDiffusionPipeline on the same weights, noise and "
+        "steps, each sample in a fresh process",
+        "vgrt.bench.peer_suite",
+        frozenset({"presets", "latents", "backends", "steps"}),
+        ("torch", "vgrt-onnxruntime", "vgrt-openvino", "vgrt-openvino-bf16", "optimum-intel", "optimum-intel-bf16"),
+    ),
 }
 
 

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-dir", help="unet suite: time this existing export instead of exporting first")
     parser.add_argument("--methods", help="compose suite: comma-separated methods (default: every one it knows)")
     parser.add_argument(
-        "--steps", type=int, help="compose suite: schedule length of each composition (default: 20, 3 with --quick)"
+        "--steps",
+        type=int,
+        help="compose and peer suites: schedule length of each composition (compose: 20, peer: 10; 3 and 2 with --quick)",
     )
     parser.add_argument(
         "--gradient-steps",

@@ -80,18 +80,35 @@ def load_tokenizer(source: ModelSource, folder: str = "tokenizer", encoder: str 
 @cache
 def _preset_bpe(vocab_size: int):
     """A BPE tokenizer of at most `vocab_size` tokens trained on the shipped prompts."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    pre_tokenizer = pre_tokenizers.Whitespace()
+    vocab, merges = train_bpe(_preset_words(), vocab_size)
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=_UNKNOWN, end_of_word_suffix=_END_OF_WORD))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = _normalizer(), pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def preset_bpe_merges(vocab_size: int) -> list[tuple[str, str]]:
+    """The merges of the preset BPE trained to `vocab_size` tokens, in order (for CLIP-format tokenizer files)."""
+    return train_bpe(_preset_words(), vocab_size)[1]
+
+
+def _normalizer():
+    from tokenizers import normalizers
+
+    return normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+
+
+@cache
+def _preset_words() -> Counter[str]:
+    """Word counts of the prompts vgrt ships, normalised and split as the preset tokenizer splits text."""
+    from tokenizers import pre_tokenizers
+
+    normalizer, pre_tokenizer = _normalizer(), pre_tokenizers.Whitespace()
     corpus = resources.files("vgrt.models").joinpath("data/prompts.txt").read_text().splitlines()
-    words = Counter(
+    return Counter(
         word for line in corpus if not line.startswith("#") for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
     )  # fmt: skip
-    vocab, merges = train_bpe(words, vocab_size)
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=_UNKNOWN, end_of_word_suffix=_END_OF_WORD))
-    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
-    return tokenizer
 
 
 def train_bpe(words: Counter[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
