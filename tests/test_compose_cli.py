@@ -1,8 +1,12 @@
 """`vgrt compose` end to end on the tiny preset, and its early errors (nothing written on failure)."""
 
+import importlib.util
+
 import pytest
+import torch
 from PIL import Image
 
+from vgrt._lazy import is_available
 from vgrt.cli import main
 
 from .cli_args import mca_ctrl_args
@@ -10,7 +14,8 @@ from .cli_args import mca_ctrl_args
 
 def test_compose_writes_an_image(examples, tmp_path, composer_cache, capsys):
     assert main(mca_ctrl_args(examples, tmp_path / "out.png", "--cache", str(composer_cache), steps=3)) == 0
-    assert Image.open(tmp_path / "out.png").size == (32, 32)
+    image = Image.open(tmp_path / "out.png")
+    assert image.size == (32, 32) and image.text["vgrt.device"] == "cpu" and "vgrt.attention" not in image.text
     assert "random" in capsys.readouterr().out
 
 
@@ -79,3 +84,70 @@ def test_vcf_from_the_command_line(examples, tmp_path, composer_cache, capsys):
     assert main([*base, *reference, "--pno-steps", "1", "--pno-lr", "nan", "--out", str(bad)]) == 2
     assert "lr_prompt must be a finite number > 0, got nan" in capsys.readouterr().err
     assert not bad.exists()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if an image is decoded or a Composer made: the refusal must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the check")
+
+    monkeypatch.setattr("vgrt.runtime.images.load_image", forbidden)
+    monkeypatch.setattr("vgrt.runtime.composer.Composer.__post_init__", forbidden)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--backend", "onnxruntime", "--attention", "native"],
+            "--attention native is a tensorrt option, and the backend is onnxruntime; add ",
+        ),
+        (["--backend", "torch", "--attention", "plugin"], "--attention plugin is a tensorrt option, and the backend"),
+        (["--backend", "tensorrt", "--precision", "bf16"], "--precision bf16 is an openvino option, and the backend "),
+        (["--device", "gpu"], "unknown device 'gpu'; give 'cpu', 'cuda' or 'cuda:N'"),
+    ],
+)
+def test_the_default_backend_is_openvino_where_installed(monkeypatch):
+    from vgrt.engines import default_backend
+
+    assert default_backend() == "openvino"  # vgrt[cpu] installs it
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else real_find_spec(name))
+    assert default_backend() == "onnxruntime"
+
+
+def test_engine_options_the_backend_cannot_take_are_refused_first(examples, tmp_path, capsys, no_work, extra, message):
+    assert main(mca_ctrl_args(examples, tmp_path / "out.png", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: cuda is a valid device")
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_cuda_without_a_gpu_is_refused_first(examples, tmp_path, capsys, no_work, backend):
+    assert main(mca_ctrl_args(examples, tmp_path / "out.png", "--backend", backend, "--device", "cuda")) == 2
+    assert "device 'cuda:0' needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_device_must_suit_the_backend(examples, tmp_path, capsys, no_work, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the backend, not the machine, refuses it
+    argv = mca_ctrl_args(examples, tmp_path / "out.png", "--backend", "openvino", "--device", "cuda")
+    assert main(argv) == 2
+    assert "the openvino backend runs on the CPU, not on 'cuda:0'; give device 'cpu'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(is_available("tensorrt"), reason="TensorRT is installed here")
+def test_tensorrt_without_tensorrt_names_what_to_install(examples, tmp_path, capsys, no_work):
+    for extra in ([], ["--attention", "native"], ["--device", "cuda"]):  # cuda is its default device
+        assert main(mca_ctrl_args(examples, tmp_path / "out.png", "--backend", "tensorrt", *extra)) == 2
+        assert "TensorRT is not installed but is needed here; install it with: pip install" in capsys.readouterr().err
+
+
+def test_the_light_option_lists_match_the_engines():
+    from vgrt.commands import compose
+    from vgrt.engines.engine_set import ATTENTION_ROUTES
+    from vgrt.engines.openvino_runner import PRECISIONS
+
+    assert compose.ATTENTION_ROUTES == ATTENTION_ROUTES and compose.OPENVINO_PRECISIONS == tuple(PRECISIONS)

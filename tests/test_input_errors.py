@@ -200,8 +200,8 @@ def test_open_runner_names_an_unknown_setting_and_lists_the_valid_ones(tmp_path)
     from vgrt.engines import open_runner
 
     expected = {
-        "onnxruntime": ("threads", "allow_spinning, denormals_as_zero, intra_op_threads, memory_arena"),
-        "torch": ("dtype", "takes: device"),
+        "onnxruntime": ("threads", "allow_spinning, denormals_as_zero, device_id, intra_op_threads, memory_arena"),
+        "torch": ("dtype", "takes: compile_mode, device"),
         "tensorrt": ("graph", "aot, attention, cache_dir, cuda_graph, device"),
     }
     for backend, (keyword, valid) in expected.items():

@@ -15,10 +15,11 @@ _EXTRA_OF = {
     "onnxruntime": "cpu",
     "onnxconverter_common": "cpu",
     "matplotlib": "cpu",
-    "openvino": "openvino",
+    "openvino": "cpu",
     "triton": "gpu",
     "tensorrt": "trt",
     "polygraphy": "trt",
+    "ray": "serve",
 }
 
 

@@ -23,7 +23,12 @@ SUBCOMMANDS = {
     "build": "vgrt.commands.build",
     "bench": "vgrt.commands.bench",
     "compare": "vgrt.commands.compare",
+    "calibrate": "vgrt.commands.calibrate",
     "doctor": "vgrt.commands.doctor",
+    "cache": "vgrt.commands.cache",
+    "serve": "vgrt.commands.serve",
+    "request": "vgrt.commands.request",
+    "selftest": "vgrt.commands.selftest",
 }
 
 

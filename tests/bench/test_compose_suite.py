@@ -8,10 +8,11 @@ needs no engine."""
 import pytest
 
 from tests.bench.helpers import run_bench
-from vgrt.bench.compose_methods import METHODS, Inputs, Work, gradient_steps
+from vgrt.bench.compose_methods import METHODS, bench_request, example_images, gradient_steps
 from vgrt.bench.compose_suite import BackendRuns, RunRecord, _gradient_shares
 from vgrt.bench.unet_calls import StageCalls, UNetCallLog
 from vgrt.models.presets import get_preset, vision_tokens
+from vgrt.runtime.methods.registry import Work
 from vgrt.runtime.methods.vcf import check_context_fits, fused_length
 
 TIMED = ("mca-ctrl", "locref", "vcf-pno")
@@ -86,29 +87,38 @@ def test_gradient_steps_have_their_time_per_step_and_pytorch_share(compose_run):
         assert all(0 < share < 1 for share in pno["pytorch_share_of_total"])
 
 
+@pytest.fixture(scope="module")
+def tiny_examples():
+    with example_images(get_preset("tiny"), 32) as examples:
+        yield examples
+
+
 @pytest.mark.parametrize("steps", [2, 20])
-def test_every_method_entry_builds_a_valid_request(steps):
-    inputs = Inputs.make(get_preset("tiny"), 32)
-    for name, build in METHODS.items():
-        compose, request = build(inputs, Work(steps))
+def test_every_method_entry_builds_a_valid_request(tiny_examples, steps):
+    assert set(METHODS) >= {"mca-ctrl", "aicomposer", "locref", "vcf", "vcf-pno", "visual-prompts"}
+    for name in METHODS:
+        compose, request = bench_request(name, tiny_examples, Work(steps))
         assert callable(compose) and request.steps == steps, name
-        request.validate()
 
 
-def test_gradient_steps_reach_the_requests_and_are_counted():
-    inputs = Inputs.make(get_preset("tiny"), 32)
-    assert gradient_steps(METHODS["vcf-pno"](inputs, Work(4))[1]) == {"pno": 10}  # PnoSettings' default
-    assert gradient_steps(METHODS["vcf-pno"](inputs, Work(4, gradient_steps=3))[1]) == {"pno": 3}
-    assert gradient_steps(METHODS["visual-prompts"](inputs, Work(4))[1]) == {"guidance": 4}  # capped at the steps
-    assert gradient_steps(METHODS["visual-prompts"](inputs, Work(8, gradient_steps=2))[1]) == {"guidance": 2}
+def test_gradient_steps_reach_the_requests_and_are_counted(tiny_examples):
+    def counted(name: str, work: Work) -> dict[str, int]:
+        return gradient_steps(bench_request(name, tiny_examples, work)[1])
+
+    assert counted("vcf-pno", Work(4)) == {"pno": 10}  # PnoSettings' default
+    assert counted("vcf-pno", Work(4, gradient_steps=3)) == {"pno": 3}
+    assert counted("visual-prompts", Work(4)) == {"guidance": 4}  # capped at the steps
+    assert counted("visual-prompts", Work(8, gradient_steps=2)) == {"guidance": 2}
     for name in ("mca-ctrl", "aicomposer", "locref", "vcf"):
-        assert gradient_steps(METHODS[name](inputs, Work(4, gradient_steps=3))[1]) == {}, name
+        assert counted(name, Work(4, gradient_steps=3)) == {}, name
 
 
 @pytest.mark.parametrize("preset, tokens", [("tiny", "all"), ("sd15", "cls"), ("sd21", "all")])
 def test_the_vcf_entry_fuses_what_the_unet_profile_takes(preset, tokens):
     model = get_preset(preset)
-    _, request = METHODS["vcf"](Inputs.make(model, 32), Work(2))
+    size = model.profile.latent.min * model.vae_factor
+    with example_images(model, size) as examples:
+        _, request = bench_request("vcf", examples, Work(2))
     assert request.tokens == tokens
     check_context_fits(fused_length(request, 77, vision_tokens(model.image_encoder)), model.profile.context)
 

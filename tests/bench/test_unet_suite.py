@@ -8,7 +8,15 @@ from tests.bench.helpers import results_by_backend, run_bench
 @pytest.fixture(scope="module")
 def unet_run(tiny_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-unet")
-    return run_bench("unet", "--quick", "--backends", "torch,torch-bf16,onnxruntime,openvino", "--export-dir", str(tiny_export()), out=out)
+    return run_bench(
+        "unet",
+        "--quick",
+        "--backends",
+        "torch,torch-bf16,onnxruntime,openvino",
+        "--export-dir",
+        str(tiny_export()),
+        out=out,
+    )
 
 
 def test_every_backend_has_samples_and_a_ratio(unet_run):

@@ -250,11 +250,13 @@ class OpenLog:
 
 @pytest.fixture
 def shared_composer(tmp_path, monkeypatch):
+    from vgrt.engines import engine_set
+    from vgrt.export import cache
     from vgrt.runtime import composer as composer_module
 
     log = OpenLog(tmp_path)
-    monkeypatch.setattr(composer_module, "cached_export", log.cached_export)
-    monkeypatch.setattr(composer_module, "open_runner", log.open_runner)
+    monkeypatch.setattr(cache, "cached_export", log.cached_export)
+    monkeypatch.setattr(engine_set, "open_runner", log.open_runner)
     composer = composer_module.Composer.from_preset("tiny", cache=tmp_path, progress=False)
     yield composer, log
     composer.close()

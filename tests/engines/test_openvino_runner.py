@@ -22,7 +22,7 @@ from vgrt.export.manifest import read_manifest
 from vgrt.models.rebuild import module_from_manifest
 
 needs_openvino = pytest.mark.skipif(
-    not is_available("openvino"), reason="openvino is not installed: pip install 'vgrt[openvino]'"
+    not is_available("openvino"), reason="openvino is not installed: pip install 'vgrt[cpu]'"
 )
 pytestmark = needs_openvino
 # bf16 against fp32 PyTorch, measured on the tiny preset (OpenVINO 2026.4, seeds 101 and 202): 4.2-4.3e-2 on

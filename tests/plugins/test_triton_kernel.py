@@ -1,8 +1,13 @@
-"""The Triton kernel of masked_attention against the PyTorch reference, run on CPU by Triton's interpreter."""
+"""The Triton kernel of masked_attention against the PyTorch reference: on the GPU where there is one,
+else on CPU by Triton's interpreter."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is defined: must be set before triton is used
+import torch
+
+# Read when a kernel is defined: must be set before triton is used (tests/conftest.py sets it too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools
 import itertools
@@ -10,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
@@ -21,17 +25,19 @@ from vgrt.plugins.masked_attention.triton_kernel import BLOCK_M, BLOCK_N, block_
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 # LQ is one partial query tile; LK is two key tiles, the second partial, so the online softmax rescales.
 B, H, LQ, LK = 2, 2, 40, 48
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _qkv(dtype, head_size, batch=B, heads=H, len_q=LQ, len_k=LK):
-    return (
-        torch.randn(batch, heads, len_q, head_size).to(dtype),
-        torch.randn(batch, heads, len_k, head_size).to(dtype),
-        torch.randn(batch, heads, len_k, head_size).to(dtype),
-    )
+    return tuple(torch.randn(batch, heads, length, head_size).to(DEVICE, dtype) for length in (len_q, len_k, len_k))
 
 
 def _bias(form):
+    bias = _cpu_bias(form)
+    return None if bias is None else bias.to(DEVICE)
+
+
+def _cpu_bias(form):
     """A bias of the given form in which some query rows have every key masked."""
     if form == "none":
         return None
@@ -78,9 +84,9 @@ def test_matches_reference(dtype, head_size, form):
 def test_strided_inputs_broadcast_batch_and_scale():
     """diffusers' [B, L, H, D] layout seen as [B, H, L, D], q shared across k's batch, a 2-D bias."""
     torch.manual_seed(0)
-    q = torch.randn(1, LQ, H, 64).transpose(1, 2)
-    k, v = (torch.randn(B, LK, H, 64).transpose(1, 2) for _ in range(2))
-    bias = torch.randn(LQ, LK)
+    q = torch.randn(1, LQ, H, 64, device=DEVICE).transpose(1, 2)
+    k, v = (torch.randn(B, LK, H, 64, device=DEVICE).transpose(1, 2) for _ in range(2))
+    bias = torch.randn(LQ, LK, device=DEVICE)
     out = masked_attention_triton(q, k, v, bias, scale=0.3)
     _close(out, masked_attention(q, k, v, bias, scale=0.3), torch.float32)
 
@@ -99,6 +105,7 @@ def test_block_mask_skips_masked_tiles(dtype):
     bias = torch.randn(2, 1, len_q, len_k).masked_fill(~allowed, float("-inf"))
     block_mask = block_mask_from_bias(bias, len_q, len_k)
     assert torch.equal(block_mask, visited[:, None])
+    visited, tile_allowed, bias, block_mask = (t.to(DEVICE) for t in (visited, tile_allowed, bias, block_mask))
 
     q, k, v = _qkv(dtype, 80, batch=2, heads=1, len_q=len_q, len_k=len_k)
     unread_keys = (~visited.any(dim=1)).repeat_interleave(BLOCK_N, 1)[:, None, :len_k]  # [2, 1, Lk]
@@ -146,13 +153,13 @@ TILES = (-(-LQ // BLOCK_M), -(-LK // BLOCK_N))
             lambda q, k, v: {"q": q.repeat(1, 1, 1, 5), "k": k.repeat(1, 1, 1, 5), "v": v.repeat(1, 1, 1, 5)},
             id="head size 320",
         ),
-        pytest.param(lambda q, k, v: {"q": q, "k": k, "v": v, "bias": torch.zeros(LQ + 1, LK)}, id="bias shape"),
+        pytest.param(lambda q, k, v: {"q": q, "k": k, "v": v, "bias": q.new_zeros(LQ + 1, LK)}, id="bias shape"),
         pytest.param(
-            lambda q, k, v: {"q": q, "k": k, "v": v, "block_mask": torch.ones(1, 1, TILES[0], TILES[1] + 1) > 0},
+            lambda q, k, v: {"q": q, "k": k, "v": v, "block_mask": q.new_ones(1, 1, TILES[0], TILES[1] + 1) > 0},
             id="block_mask tiles",
         ),
         pytest.param(
-            lambda q, k, v: {"q": q, "k": k, "v": v, "block_mask": torch.ones(1, 1, *TILES)}, id="block_mask dtype"
+            lambda q, k, v: {"q": q, "k": k, "v": v, "block_mask": q.new_ones(1, 1, *TILES)}, id="block_mask dtype"
         ),
     ],
 )

@@ -1,6 +1,7 @@
 """The TensorRT plugin of MaskedAttention, without TensorRT: its declared identity, its registration
-(against a stand-in of the documented `tensorrt.plugin` API), its kernel under Triton's CPU interpreter,
-and its AOT PTX (compiled for sm_90 and assembled by ptxas, no GPU needed).
+(against a stand-in of the documented `tensorrt.plugin` API), its kernel (on the GPU where there is one,
+else under Triton's CPU interpreter), and its AOT PTX (compiled for sm_90 and assembled by ptxas, no GPU
+needed).
 
 Kernels run in child processes: Triton fixes interpreted or compiled mode when it is first imported,
 and this process may have imported it either way before these tests run.
@@ -194,6 +195,8 @@ B, H, LQ, LK = 2, 3, 70, 45  # LQ spans two query tiles, the second partial; LK 
 BIAS_SHAPES = [(B, 1, 1, LK), (B, 1, LQ, LK), (1, 1, 1, LK), (B, H, LQ, LK), (1, H, 1, LK)]
 DTYPES = ["float32", "float16"]
 
+ON_GPU = torch.cuda.is_available()  # else kernels run under the interpreter
+
 INTERPRETED_SCRIPT = f"""
     import json
     import torch
@@ -201,6 +204,7 @@ INTERPRETED_SCRIPT = f"""
     from vgrt.plugins.masked_attention.trt_plugin import launch_plugin_kernel
 
     B, H, LQ, LK = {B}, {H}, {LQ}, {LK}
+    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
     report = {{}}
     for dtype_name in {DTYPES!r}:
         dtype = getattr(torch, dtype_name)
@@ -228,13 +232,66 @@ INTERPRETED_SCRIPT = f"""
 
 @pytest.fixture(scope="module")
 def interpreted():
-    return _run_child(INTERPRETED_SCRIPT, interpret=True)
+    return _run_child(INTERPRETED_SCRIPT, interpret=not ON_GPU)
 
 
 @pytest.mark.parametrize("bias_shape", BIAS_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_the_reference_for_every_bias_broadcast(interpreted, dtype, bias_shape):
     assert interpreted[f"{dtype}-{bias_shape}"] is None
+
+
+SKIP_SCRIPT = """
+    import json
+    import torch
+    from vgrt.plugins.masked_attention import masked_attention
+    from vgrt.plugins.masked_attention.trt_plugin import KernelConfig, launch_plugin_kernel
+
+    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
+    B, H, LQ, LK, BLOCK_N = 2, 2, 70, 96, KernelConfig("fp16", 40).block_n  # 3 key tiles
+    report = {}
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, length, 40).to(dtype) for length in (LQ, LK, LK))
+        # A key mask [B, 1, 1, Lk] (text key masks, mutual attention) and a per-query one [B, 1, Lq, Lk]
+        # (region masks): batch 0 masks key tile 1 for every query, batch 1 key tiles 0 and 2.
+        masked_tiles = torch.tensor([[False, True, False], [True, False, True]])
+        masked_keys = masked_tiles.repeat_interleave(BLOCK_N, 1)[:, None, None, :]  # [B, 1, 1, Lk]
+        for form, shape in (("key", (B, 1, 1, LK)), ("query", (B, 1, LQ, LK))):
+            bias = torch.randn(shape).masked_fill(masked_keys.expand(shape), float("-inf")).to(dtype)
+            expected = masked_attention(q.float(), k.float(), v.float(), bias.float(), scale=1.0)
+            # NaN keys and values in the masked tiles: a kernel that read them would return NaN.
+            poison = masked_keys[:, :, 0, :, None]  # [B, 1, Lk, 1]
+            k_poisoned, v_poisoned = (t.masked_fill(poison, float("nan")) for t in (k, v))
+            out = torch.empty_like(q)
+            launch_plugin_kernel(q, k_poisoned, v_poisoned, bias, out)
+            tolerance = 1e-4 if dtype == torch.float32 else 2e-3
+            try:
+                torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+                report[f"{dtype}-{form}"] = None
+            except AssertionError as err:
+                report[f"{dtype}-{form}"] = str(err)
+            # One allowed key in a masked tile makes it a visited tile: its NaN keys now reach the output.
+            opened = bias.clone()
+            opened[0, ..., BLOCK_N] = 0.0
+            launch_plugin_kernel(q, k_poisoned, v_poisoned, opened, out)
+            report[f"{dtype}-{form}-opened-nan"] = bool(out[0].isnan().any())
+    print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def skipped_tiles():
+    return _run_child(SKIP_SCRIPT, interpret=not ON_GPU)
+
+
+@pytest.mark.parametrize("form", ["key", "query"])
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.float16"])
+def test_plugin_kernel_never_reads_key_tiles_its_bias_masks(skipped_tiles, dtype, form):
+    """The tiles the bias masks fully are flagged and skipped (their NaN keys never show), the output
+    is the reference's, and a tile with one allowed key is visited."""
+    assert skipped_tiles[f"{dtype}-{form}"] is None
+    assert skipped_tiles[f"{dtype}-{form}-opened-nan"] is True
 
 
 def test_kernel_refuses_what_tensorrt_never_hands_it():

@@ -203,7 +203,7 @@ def test_pno_stops_at_a_non_finite_sampling_and_keeps_the_best_variables():
     from vgrt.runtime.methods.pno import LossTerms, PnoSettings, optimize
 
     class Objective:
-        dtype = torch.float32
+        dtype, device = torch.float32, torch.device("cpu")
         calls = 0
 
         def __call__(self, context, noise, generator):

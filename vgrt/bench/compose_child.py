@@ -26,13 +26,14 @@ def prepare_in_child(preset: str, backend: str, method: str) -> float:
 def _main(preset: str, backend: str, method: str) -> None:
     import time
 
-    from vgrt.bench.compose_methods import METHODS, Inputs, Work
+    from vgrt.bench.compose_methods import bench_request, example_images
     from vgrt.models.presets import get_preset
     from vgrt.runtime.composer import Composer
+    from vgrt.runtime.methods.registry import Work
 
     model = get_preset(preset)
-    inputs = Inputs.make(model, model.profile.latent.min * model.vae_factor)
-    compose, request = METHODS[method](inputs, Work(STEPS, gradient_steps=1))
+    with example_images(model, model.profile.latent.min * model.vae_factor) as examples:
+        compose, request = bench_request(method, examples, Work(STEPS, gradient_steps=1))
     started = time.perf_counter()
     with Composer.from_preset(preset, backend=backend, progress=False) as composer:
         compose(composer, request)

@@ -30,7 +30,7 @@ import torch
 from vgrt.bench.backends import BASELINE
 from vgrt.bench.compose_child import STEPS as WARMUP_STEPS
 from vgrt.bench.compose_child import prepare_in_child
-from vgrt.bench.compose_methods import METHODS, Compose, Inputs, Work, gradient_steps
+from vgrt.bench.compose_methods import Compose, bench_request, example_images, gradient_steps
 from vgrt.bench.machine import peak_rss_window
 from vgrt.bench.results import Case, Measurement, SuiteOutput, UNetWork
 from vgrt.bench.settings import BenchSettings
@@ -39,6 +39,7 @@ from vgrt.bench.unet_calls import StageCalls, UNetCallLog
 from vgrt.errors import VgrtError
 from vgrt.models.presets import get_preset
 from vgrt.runtime.composer import Composer
+from vgrt.runtime.methods.registry import Work
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,9 @@ def run(settings: BenchSettings) -> SuiteOutput:
 def _plan(method: str, model: Any, size: int, work: Work) -> MethodCase:
     """The method's requests at `size`, validated before any engine is exported or opened. The warm-up
     takes fewer sampling steps and one gradient step: the same shapes, so every first call is paid."""
-    inputs = Inputs.make(model, size)
-    compose, request = METHODS[method](inputs, work)
-    _, warmup = METHODS[method](inputs, Work(min(work.steps, WARMUP_STEPS), gradient_steps=1))
-    request.validate()
-    warmup.validate()
+    with example_images(model, size) as examples:
+        compose, request = bench_request(method, examples, work)
+        _, warmup = bench_request(method, examples, Work(min(work.steps, WARMUP_STEPS), gradient_steps=1))
     return MethodCase(method, size, compose, request, warmup)
 
 

@@ -46,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     reference, worst = results[backends[0]], 0.0
     for backend in backends[1:]:
         for name, expected in reference.items():
-            got = results[backend][name].double()
-            error = ((got - expected.double()).norm() / expected.double().norm()).item()
+            expected = expected.double().cpu()  # backends may return their outputs on different devices
+            got = results[backend][name].double().cpu()
+            error = ((got - expected).norm() / expected.norm()).item()
             worst = max(worst, error)
             print(f"{name}: {backend} vs {backends[0]} relative error {error:.2e} (limit {rtol:.0e})")
     print("PASS" if worst <= rtol else "FAIL")

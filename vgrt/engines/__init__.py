@@ -23,6 +23,7 @@ def open_runner(directory: str | Path, component: str = "unet", backend: str = "
         raise InvalidInputError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     check_settings(backend, settings)
     manifest = read_manifest(directory)
+    manifest.check_backend(backend)  # an int8 export opens only on the backends its manifest names
     entry = manifest.component(component)
     if backend == "tensorrt":
         from vgrt.engines.tensorrt.runner_from_export import runner_from_export
@@ -41,6 +42,15 @@ def open_runner(directory: str | Path, component: str = "unet", backend: str = "
 
     module, dtype = module_from_manifest(manifest, component)
     return TorchRunner(module, entry.spec, dtype=dtype, **settings)
+
+
+def default_backend() -> str:
+    """The CPU backend `vgrt compose` runs when none is named: OpenVINO where it is installed (it comes with
+    `vgrt[cpu]`), the fastest CPU engine measured that meets fp32 parity (README, Performance), else
+    ONNX Runtime."""
+    import importlib.util
+
+    return "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
 
 
 def setting_names(backend: str) -> frozenset[str]:

@@ -24,10 +24,12 @@ import torch
 
 from vgrt.errors import VgrtError
 from vgrt.export.spec import ComponentSpec
+from vgrt.runtime.residency import engine_call
 
 
 class Runner(ABC):
     backend: str = ""
+    device: torch.device = torch.device("cpu")  # where its inputs are read and its outputs live; GPU runners override
 
     def __init__(self, spec: ComponentSpec):
         self.spec = spec
@@ -71,7 +73,7 @@ class Runner(ABC):
             self._in_flight += 1
         try:
             sizes = self.spec.validate(feed) if validate else self.spec.sizes(feed)
-            return self.infer_impl({k: torch.as_tensor(v) for k, v in feed.items()}, sizes)
+            return engine_call(self.infer_impl, {k: torch.as_tensor(v) for k, v in feed.items()}, sizes)
         finally:
             with self._calls_changed:
                 self._in_flight -= 1

@@ -4,6 +4,11 @@ Inputs and outputs are bound by pointer through IOBinding, so a call copies noth
 call holds a per-call context from the runner's pool: an IO binding and, with `reuse_outputs`, one buffer
 per output, made anew only when its shape changes. ONNX Runtime runs one session from many threads at
 once when each has its own binding, so concurrent calls give the serial results (see vgrt.engines.base).
+
+On CUDA the bindings point at torch's device tensors, and ONNX Runtime runs on a torch stream of the
+runner's own (`user_compute_stream`; ONNX Runtime refuses the default stream's handle 0), ordered after
+the caller's stream and before it by stream waits, with the end-of-run synchronisation turned off: a
+call never waits on the host.
 """
 
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ class OrtSettings:
     Args:
         provider: 'cpu', 'cuda' or 'tensorrt'. A session whose requested provider did not load (ONNX
             Runtime then silently falls back to the next) is an error.
+        device_id: the CUDA device of the 'cuda' and 'tensorrt' providers (the runner's `device`).
         intra_op_threads: threads per op; 0 lets ONNX Runtime choose (all cores).
         optimization_level: 'disable', 'basic', 'extended' (default) or 'all'. On the CPU 'all' costs
             15-20 s of session creation on SD 1.5 for no measured gain.
@@ -51,6 +57,7 @@ class OrtSettings:
     """
 
     provider: str = "cpu"
+    device_id: int = 0
     intra_op_threads: int = 0
     optimization_level: str = "extended"
     reuse_outputs: bool = False
@@ -66,7 +73,7 @@ class OrtCall:
     binding: Any  # onnxruntime.IOBinding
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    def output(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buffer = self.outputs.get(name)
         if buffer is None or tuple(buffer.shape) != shape:
             buffer = self.outputs[name] = torch.empty(shape, dtype=dtype, device=device)
@@ -85,7 +92,8 @@ class OrtRunner(Runner):
         if settings.provider not in PROVIDERS:
             raise VgrtError(f"unknown provider {settings.provider!r}; choose one of: {', '.join(PROVIDERS)}")
         self.path, self.settings = Path(path), settings
-        self.session = None
+        self.device = torch.device("cpu") if settings.provider == "cpu" else torch.device("cuda", settings.device_id)
+        self.session = self._stream = self._run_options = None
         self._calls = ContextPool(lambda: OrtCall(self.session.io_binding()))
 
     def activate_impl(self) -> None:
@@ -105,45 +113,79 @@ class OrtRunner(Runner):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.settings.optimization_level]
-        providers = list(PROVIDERS[self.settings.provider])
-        if self.settings.provider == "tensorrt":
-            if providers[0] not in ort.get_available_providers():
-                raise MissingDependencyError(
-                    "this onnxruntime has no TensorRT execution provider; install onnxruntime-gpu and TensorRT "
-                    "with: pip install 'vgrt[trt]', or use provider='cuda'"
-                )
-            cache = str(self.path.parent / "ort-tensorrt")
-            providers[0] = (
-                providers[0],
-                {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_timing_cache_enable": True},
-            )
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         wanted = PROVIDERS[self.settings.provider][0]
+        if self.device.type == "cuda":
+            self._check_gpu_provider(ort, wanted)
+            self._stream = torch.cuda.Stream(self.device)
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.session = ort.InferenceSession(str(self.path), options, providers=self._providers())
         if wanted not in self.session.get_providers():
             raise VgrtError(
-                f"ONNX Runtime fell back from {wanted}: it did not load (onnxruntime-gpu needs CUDA 13 and cuDNN 9, "
-                "its TensorRT provider also TensorRT's libraries); install 'vgrt[gpu]' or 'vgrt[trt]' with matching "
-                "CUDA libraries, or use provider='cpu'"
+                f"ONNX Runtime fell back from {wanted} to {self.session.get_providers()}: it did not load "
+                "(onnxruntime-gpu needs CUDA 13 and cuDNN 9, its TensorRT provider also TensorRT's libraries); "
+                "install 'vgrt[gpu]' or 'vgrt[trt]' with matching CUDA libraries, or use provider='cpu'"
             )
-        self.device = "cpu" if self.settings.provider == "cpu" else "cuda"
+
+    def _check_gpu_provider(self, ort, wanted: str) -> None:
+        """Refuse before loading the model: a provider this onnxruntime lacks, or no GPU for it."""
+        if wanted not in ort.get_available_providers():
+            package = "TensorRT with: pip install 'vgrt[trt]'" if wanted.startswith("Tensorrt") else "'vgrt[gpu]'"
+            raise MissingDependencyError(
+                f"this onnxruntime ({ort.__version__}) has no {wanted}, only {ort.get_available_providers()}; "
+                f"install onnxruntime-gpu and {package}, or use provider='cpu'"
+            )
+        if not torch.cuda.is_available():
+            raise VgrtError(
+                f"provider {self.settings.provider!r} needs a CUDA GPU, and torch {torch.__version__} sees none; "
+                "use provider='cpu'"
+            )
+
+    def _providers(self) -> list:
+        """Execution providers in priority order, the GPU ones with their options (device, stream)."""
+        names = PROVIDERS[self.settings.provider]
+        if self.device.type == "cpu":
+            return list(names)
+        cuda = {
+            "device_id": self.settings.device_id,
+            "has_user_compute_stream": "1",
+            "user_compute_stream": str(self._stream.cuda_stream),
+        }
+        providers = [(name, cuda) if name == "CUDAExecutionProvider" else name for name in names]
+        if self.settings.provider == "tensorrt":
+            cache = str(self.path.parent / "ort-tensorrt")
+            providers[0] = (
+                names[0],
+                {
+                    **cuda,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": cache,
+                    "trt_timing_cache_enable": True,
+                },
+            )
+        return providers
 
     def deactivate_impl(self) -> None:
         self._calls.clear()
-        self.session = None
+        self.session = self._stream = self._run_options = None
 
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-        if self.device == "cuda":
-            # ONNX Runtime reads bound device memory on its own stream: inputs written on torch's must be ready.
-            torch.cuda.current_stream().synchronize()
         with self._calls.acquire() as call:
-            return self._run(call, feed, sizes)
+            if self.device.type == "cpu":
+                return self._run(call, feed, sizes)
+            # Inputs are written on the caller's stream; ONNX Runtime runs on the runner's; outputs are the caller's.
+            caller = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(caller)
+            outputs = self._run(call, feed, sizes)
+            caller.wait_stream(self._stream)
+            return outputs
 
     def _run(self, call: OrtCall, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         kept = []  # keeps contiguous copies alive until the run ends
         for name, value in feed.items():
             value = value.to(self.device).contiguous()
             kept.append(value)
-            call.binding.bind_input(name, self.device, 0, _NUMPY_OF[value.dtype], tuple(value.shape), value.data_ptr())
+            call.binding.bind_input(name, *self._where, _NUMPY_OF[value.dtype], tuple(value.shape), value.data_ptr())
         outputs = {}
         for t in self.spec.outputs:
             shape, dtype = self.spec.shape(t, sizes), getattr(torch, t.dtype)
@@ -151,7 +193,12 @@ class OrtRunner(Runner):
                 buffer = call.output(t.name, shape, dtype, self.device)
             else:
                 buffer = torch.empty(shape, dtype=dtype, device=self.device)
-            call.binding.bind_output(t.name, self.device, 0, t.dtype, shape, buffer.data_ptr())
+            call.binding.bind_output(t.name, *self._where, t.dtype, shape, buffer.data_ptr())
             outputs[t.name] = buffer
-        self.session.run_with_iobinding(call.binding)
+        self.session.run_with_iobinding(call.binding, self._run_options)
         return outputs
+
+    @property
+    def _where(self) -> tuple[str, int]:
+        """IOBinding's (device type, device id) of the runner's tensors."""
+        return self.device.type, self.device.index or 0

@@ -3,9 +3,13 @@
 The key covers the export settings (preset, components, features, dtype, opset, attention form, seed),
 the weights (path, size and modification time of every file under it: a changed file gives a new
 key without hashing gigabytes on every start), the versions of vgrt, torch and onnx, and the versions of
-graph passes that may change within a vgrt release (vgrt.export.group_norm). Each entry has a lock
-(vgrt.export.staging): a process that needs an entry another one is exporting waits for it and reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
-damaged one is reported in one line and exported again, and what a killed export left is removed.
+graph passes that may change within a vgrt release (vgrt.export.group_norm). A composer exports each
+component into its own entry (vgrt.engines.engine_set), so a method exports only what it runs. Each
+entry has a lock (vgrt.export.staging): a process that needs an entry another one is exporting waits for
+it and reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
+damaged one is reported in one line and exported again, and what a killed export left is removed. Each
+reuse renews the entry's modification time, which `vgrt cache` reads as its last use
+(vgrt.export.cache_entries).
 """
 
 import dataclasses
@@ -76,6 +80,7 @@ def _reuse_read_only(directory: Path, err: OSError) -> Path:
     """The entry of a cache that cannot be written (so nobody exports into it): used if it is intact."""
     if _entry_problem(directory) is None:
         log.debug("reusing the export in %s", directory)
+        mark_used(directory)
         return directory
     raise InvalidInputError(
         f"the export cache {str(directory.parent)!r} cannot be written ({describe_os_error(err)}) and does not hold "
@@ -87,6 +92,7 @@ def _reuse_or_export(directory: Path, settings: ExportSettings) -> Path:
     problem = _entry_problem(directory)
     if problem is None:
         log.debug("reusing the export in %s", directory)
+        mark_used(directory)
         return directory
     damaged = os.path.lexists(directory)
     if not _can_export():
@@ -103,6 +109,15 @@ def _reuse_or_export(directory: Path, settings: ExportSettings) -> Path:
         log.info("exporting %s into the cache (first use; reused after)", settings.components)
         sweep_interrupted(directory.parent)  # other entries' leftovers, once per new entry
     return write_export(directory, settings)
+
+
+def mark_used(directory: Path) -> None:
+    """Renew the entry's modification time, which `vgrt cache` shows as its last use and prunes by; a
+    cache that cannot be written keeps the time of its last write."""
+    try:
+        os.utime(directory)
+    except OSError:
+        pass
 
 
 def _entry_problem(directory: Path) -> str | None:

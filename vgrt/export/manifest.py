@@ -19,6 +19,7 @@ from vgrt.export.verify import RECORD, verify_files
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: each component lists every file it reads, with size and sha256
 DTYPES = ("fp32", "fp16")
+PRECISIONS = (*DTYPES, "int8")  # what the weights and products are; int8 exports keep fp32 inputs and outputs
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,15 @@ _COMPONENT = {
     "file": str, "spec": _SPEC, "features": [str], "fp32_ops": [str], "attention_form": str, "masked_attention_nodes": int,
     "model_sha256": str, "onnx_sha256": str, "files": _MapOf({"bytes": int, "sha256": str}),
 }  # fmt: skip
+# A quantised export (vgrt.calibration): the backends that open it, the calibration set, what stayed in float.
+_QUANTIZATION = {
+    "backends": [str], "float_layers": [str], "kept_in_float": [str], "sqnr_threshold_db": float | None,
+    "calibration": {"directory": str, "samples": int},
+}  # fmt: skip
 _SCHEMA = {
     "format_version": int, "preset": str, "source": {"seed": int, "weights": str | None, "allow_pickle": bool},
     "settings": {"opset": int, "dtype": str, "attention_form": str}, "components": _MapOf(_COMPONENT),
-    "versions": _Maybe(_MapOf(str)),
+    "versions": _Maybe(_MapOf(str)), "precision": _Maybe(str), "quantization": _Maybe(_QUANTIZATION),
 }  # fmt: skip
 
 
@@ -75,6 +81,21 @@ class Manifest:
     directory: Path
     data: dict[str, Any]
     components: dict[str, ComponentEntry]
+
+    @property
+    def precision(self) -> str:
+        """'fp32', 'fp16' or 'int8' (a quantised export; its inputs and outputs stay settings.dtype)."""
+        return self.data.get("precision", self.data["settings"]["dtype"])
+
+    def check_backend(self, backend: str) -> None:
+        """Refuse a backend a quantised export was not made for (the torch backend would rebuild the float
+        model from the preset and run that instead)."""
+        quantization = self.data.get("quantization")
+        if quantization is not None and backend not in quantization["backends"]:
+            raise InvalidInputError(
+                f"{str(self.directory)!r} is an {self.precision} export that {', '.join(quantization['backends'])} "
+                f"open{'s' if len(quantization['backends']) == 1 else ''}, not {backend}; choose one of those backends"
+            )
 
     def component(self, name: str) -> ComponentEntry:
         if name not in self.components:
@@ -182,6 +203,10 @@ def _is_instance(value: Any, schema: type | types.UnionType) -> bool:
 def _check_values(data: dict[str, Any], path: Path) -> None:
     if data["settings"]["dtype"] not in DTYPES:
         _refuse(path, ".settings.dtype", data["settings"]["dtype"], " or ".join(map(repr, DTYPES)))
+    if data.get("precision", data["settings"]["dtype"]) not in PRECISIONS:
+        _refuse(path, ".precision", data["precision"], " or ".join(map(repr, PRECISIONS)))
+    if ("quantization" in data) != (data.get("precision") == "int8"):
+        _refuse(path, ".quantization", data.get("quantization", _MISSING), "present exactly when precision is 'int8'")
     for name, component in data["components"].items():
         for file in (component["file"], *component["files"]):
             if file in ("", ".", "..") or "/" in file or "\\" in file:

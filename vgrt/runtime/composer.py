@@ -1,17 +1,17 @@
-"""The pipeline object: one model's engines on one backend, exported into the cache on first use.
+"""The pipeline object methods use: prompts, images to latents and back, the runners and modules of one
+model on one backend and one device.
 
     composer = Composer.from_preset("tiny", backend="onnxruntime")
     image = mca_ctrl.compose(composer, request).image
 
-Encoders and adapters live in one cached export; each conditioned UNet feature set in its own, so a
-method runs a UNet that carries only the attention work it needs.
+The runners come from an engine set (vgrt.engines.engine_set): components are exported into the cache on
+first use, each on its own, so a method exports only the components it runs (the UNet per feature set,
+carrying only the attention work the method needs); `Composer.from_exports` runs export folders made
+beforehand instead. Everything the composer returns lives on its `device`.
 
-Threads: a Composer may be shared by threads. Runners and modules are made once per key: a second
-thread asking for one being made waits for it and reuses it, while other keys are made in parallel; the
-runners themselves take concurrent calls (vgrt.engines.base).
+Threads: a Composer may be shared by threads; its engine set makes each runner and module once.
 """
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,36 +19,34 @@ from typing import Any, Self
 
 import torch
 
-from vgrt.engines import BACKENDS, check_settings, open_runner
 from vgrt.engines.base import Runner
+from vgrt.engines.engine_set import EngineSet, ExportCache, PrebuiltExports
 from vgrt.errors import InvalidInputError
-from vgrt.export.cache import cached_export
-from vgrt.export.exporter import ExportSettings
 from vgrt.models.presets import Preset, get_preset
 from vgrt.models.source import ModelSource
 from vgrt.models.tokenizer import PromptTokenizer, load_tokenizer
 
-ENCODERS = (
-    "vae_encoder,vae_decoder,text_encoder,image_encoder,image_proj,fusion_mlp,appearance_net,aligner,"
-    "layout_adapter,appearance_adapter"
-)
-
 
 @dataclass
 class Composer:
-    """Engines of one model opened on one backend; runners open on first use and stay open.
+    """One model's pipeline on one backend and device; runners open on first use and stay open.
 
     Args:
         source: preset and seed, or a local weights folder.
-        backend: 'onnxruntime' (default), 'torch' or 'openvino' (vgrt.engines.BACKENDS).
+        backend: 'onnxruntime' (default), 'torch', 'openvino' or 'tensorrt' (vgrt.engines.BACKENDS).
         dtype: 'fp32' or 'fp16' engines.
         cache: export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt).
         progress: show progress bars.
         runner_options: keyword settings for every runner it opens, as `open_runner` takes them
             (OrtSettings fields for onnxruntime, e.g. intra_op_threads; OpenVinoSettings fields for
-            openvino, e.g. precision='bf16' or threads; device for torch); unknown names are refused here.
+            openvino, e.g. precision='bf16' or threads; TrtSettings fields for tensorrt, e.g. cuda_graph);
+            unknown names, and the device, are refused here.
         runner_hook: called with (component, active runner) as each runner opens; the runner it
             returns is the one used (`vgrt bench compose` wraps the UNet runners to time their calls).
+        device: 'cpu', 'cuda' or 'cuda:N'; read back as a torch.device (`composer.device`).
+        attention: how TensorRT engines run masked attention: 'plugin' (vgrt's kernel, which skips
+            masked key tiles) or 'native' (TensorRT's own attention).
+        exports: export folders made beforehand (`Composer.from_exports`); nothing is exported then.
     """
 
     source: ModelSource
@@ -58,18 +56,29 @@ class Composer:
     progress: bool = True
     runner_options: dict[str, Any] = field(default_factory=dict)
     runner_hook: Callable[[str, Runner], Runner] | None = None
-    _runners: dict[tuple[str, str], Runner] = field(default_factory=dict, repr=False)
-    _modules: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict, repr=False)
-    _making: dict[tuple[str, str, str], threading.Lock] = field(default_factory=dict, repr=False)  # one per key
-    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards _making
+    device: torch.device | str = "cpu"
+    attention: str = "plugin"
+    exports: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise InvalidInputError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
-        if self.runner_options:  # refused before any export, not at the first runner
-            check_settings(self.backend, self.runner_options)
+        """Every setting is checked here, before any export (the tensorrt backend without TensorRT or a GPU too)."""
+        self.engines = EngineSet(
+            self._artifacts(), self.backend, self.device, self.attention, self.runner_options, self.runner_hook
+        )
+        self.device = self.engines.device
         self.preset: Preset = get_preset(self.source.preset)
         self.tokenizer: PromptTokenizer = load_tokenizer(self.source)
+
+    def _artifacts(self) -> ExportCache | PrebuiltExports:
+        if not self.exports:
+            return ExportCache(self.source, self.dtype, self.cache)
+        prebuilt = PrebuiltExports.open(self.exports)
+        if (prebuilt.source, prebuilt.dtype) != (self.source, self.dtype):
+            raise InvalidInputError(
+                f"the export folders hold {prebuilt.source} in {prebuilt.dtype}, not the {self.source} in {self.dtype} "
+                "asked for; use Composer.from_exports, which takes both from the folders"
+            )
+        return prebuilt
 
     @classmethod
     def from_preset(cls, preset: str = "tiny", backend: str = "onnxruntime", seed: int = 0, **options) -> "Composer":
@@ -80,66 +89,35 @@ class Composer:
     def from_pretrained(
         cls, directory: str | Path, preset: str = "sd15", backend: str = "onnxruntime", **options
     ) -> "Composer":
-        """Real weights from a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, ...)."""
+        """Real weights from a local diffusers folder (unet/, vae/, text_encoder/, ...)."""
         if not Path(directory).is_dir():
             raise InvalidInputError(f"{str(directory)!r} is not a folder; give a local diffusers model folder")
         return cls(ModelSource(preset, weights=str(directory)), backend, **options)
 
+    @classmethod
+    def from_exports(cls, *folders: str | Path, backend: str = "onnxruntime", **options) -> "Composer":
+        """The components of export folders made beforehand (`vgrt export`; for tensorrt, with the engines
+        `vgrt build` put in them): runs without exporting, so without the exporter installed."""
+        prebuilt = PrebuiltExports.open(folders)
+        return cls(prebuilt.source, backend, dtype=prebuilt.dtype, exports=prebuilt.folders, **options)
+
     def runner(self, component: str, features: str = "none") -> Runner:
         """The active runner of `component` (the UNet with `features`), exported and opened on first use."""
-        key = (component, features if component == "unet" else "")
-        return self._made_once("runner", self._runners, key, lambda: self._open_runner(*key))
-
-    def _open_runner(self, component: str, features: str) -> Runner:
-        settings = ExportSettings(
-            preset=self.source.preset, components="unet" if component == "unet" else ENCODERS,
-            features=features or "none", dtype=self.dtype, seed=self.source.seed,
-            weights=self.source.weights, allow_pickle=self.source.allow_pickle,
-        )  # fmt: skip
-        directory = cached_export(settings, self.cache)
-        runner = open_runner(directory, component, self.backend, **self.runner_options).activate()
-        return runner if self.runner_hook is None else self.runner_hook(component, runner)
+        return self.engines.runner(component, features)
 
     def module(self, component: str, features: str = "none") -> torch.nn.Module:
-        """The PyTorch module of `component` (fp32, eval, CPU, parameters frozen) for the steps that need
-        gradients, which engines do not give; the same weights the engines were exported from."""
-        key = (component, features if component == "unet" else "")
-        return self._made_once("module", self._modules, key, lambda: self._build_module(*key))
-
-    def _build_module(self, component: str, features: str) -> torch.nn.Module:
-        from vgrt.export.components import build_component
-        from vgrt.models.features import parse_features
-
-        built = build_component(component, self.source, parse_features(features or "none"), "fp32")
-        return built.module.eval().requires_grad_(False)
-
-    def _made_once(self, kind: str, made: dict, key: tuple[str, str], make: Callable[[], Any]) -> Any:
-        """made[key], made by `make()` on first use under the key's own lock (a failure is not kept)."""
-        found = made.get(key)  # the common case takes no lock: an entry is stored only once complete
-        if found is not None:
-            return found
-        with self._guard:
-            lock = self._making.setdefault((kind, *key), threading.Lock())
-        with lock:
-            if key not in made:
-                made[key] = make()
-            return made[key]
+        """The PyTorch module of `component` (fp32, eval, on `device`, parameters frozen) for the steps that
+        need gradients, which engines do not give; the same weights the engines were made from."""
+        return self.engines.module(component, features)
 
     def open(self, *components: str) -> None:
         """Export (on first use) and open these encoder/adapter runners now, so a method's stage timer
         measures inference and not a first-use export."""
-        for component in components:
-            self.runner(component)
+        self.engines.open(*components)
 
     def close(self) -> None:
         """Deactivate the open runners (after the calls in flight); a later use opens them again."""
-        with self._guard:
-            locks = [(key[1:], lock) for key, lock in self._making.items() if key[0] == "runner"]
-        for key, lock in locks:
-            with lock:  # waits for a runner being opened now
-                runner = self._runners.pop(key, None)
-            if runner is not None:
-                runner.deactivate()
+        self.engines.close()
 
     def __enter__(self) -> Self:
         return self
@@ -149,10 +127,13 @@ class Composer:
 
     def infer(self, component: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """One call of an encoder or adapter: inputs cast to the engine's dtypes (fp16 engines take fp16),
-        float outputs returned as fp32 for the host-side work."""
+        outputs on the composer's device, float ones as fp32 for the work between engine calls."""
         runner = self.runner(component)
         feed = {name: value.to(getattr(torch, runner.spec.input(name).dtype)) for name, value in inputs.items()}
-        return {name: out.float() if out.is_floating_point() else out for name, out in runner.infer(feed).items()}
+        outputs = runner.infer(feed).items()
+        return {
+            name: out.to(self.device, torch.float32 if out.is_floating_point() else out.dtype) for name, out in outputs
+        }
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text context [B, 77, D] (the last hidden state, as SD 1.x and 2.x condition on)."""

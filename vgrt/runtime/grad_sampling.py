@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint as checkpointed
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.guided_unet import check_guidance_scale
 from vgrt.runtime.nonfinite import FirstNonFiniteStep
+from vgrt.runtime.residency import step_loop
 from vgrt.runtime.schedulers import set_timesteps
 
 
@@ -49,19 +50,21 @@ def sample_with_grad(
     context = torch.cat([uncond, cond]) if guided else cond
     rows = context.shape[0]
     latents = noise
+    timesteps = scheduler.timesteps.to(noise.device, noise.dtype)  # the UNet's copy, moved once
     watch = FirstNonFiniteStep("gradient sampling", noise.device)
-    for i, t in enumerate(scheduler.timesteps):
-        sample = torch.cat([latents, latents]) if guided else latents
-        timestep = t.to(noise.dtype).expand(rows)
-        if checkpoint:
-            output = checkpointed(unet, sample, timestep, context, use_reentrant=False)
-        else:
-            output = unet(sample, timestep, context)
-        output = output.to(noise.dtype)
-        if guided:
-            uncond_out, cond_out = output.chunk(2)
-            output = torch.lerp(uncond_out, cond_out, guidance_scale)
-        latents = scheduler.step(output, t, latents, return_dict=False)[0]
-        watch.update(i, latents)
+    with step_loop("gradient sampling"):
+        for i, t in enumerate(scheduler.timesteps):
+            sample = torch.cat([latents, latents]) if guided else latents
+            timestep = timesteps[i].expand(rows)
+            if checkpoint:
+                output = checkpointed(unet, sample, timestep, context, use_reentrant=False)
+            else:
+                output = unet(sample, timestep, context)
+            output = output.to(noise.device, noise.dtype)
+            if guided:
+                uncond_out, cond_out = output.chunk(2)
+                output = torch.lerp(uncond_out, cond_out, guidance_scale)
+            latents = scheduler.step(output, t, latents, return_dict=False)[0]
+            watch.update(i, latents)
     watch.check(f"steps 0-{steps - 1}")
     return latents

@@ -12,6 +12,7 @@ import torch
 from vgrt.engines.base import Runner
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.conditioning import Conditioning, unet_inputs
+from vgrt.runtime.residency import host_reads_allowed
 
 # before_step(step_index, timestep, latents, feed): runs before each UNet call. It may edit the feed
 # in place or replace its entries (gates, masks, per-step tokens) and overwrite rows of the latents
@@ -73,8 +74,9 @@ class GuidedUNet:
         self.sample_copies.copy_(latents)
         self.timestep.copy_(self.timesteps[step])
         if not self.validated:
-            self._validate_first_feed(latents)
-        output = self.runner.infer(self.feed, validate=False)[self.output_name].to(latents.dtype)
+            with host_reads_allowed("the first feed is validated once"):
+                self._validate_first_feed(latents)
+        output = self.runner.infer(self.feed, validate=False)[self.output_name].to(latents.device, latents.dtype)
         if not self.guided:
             return output
         uncond, cond = output.chunk(2)

@@ -16,6 +16,7 @@ from vgrt.errors import InvalidInputError
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.guided_unet import BeforeStep, GuidedUNet, check_guidance_scale
 from vgrt.runtime.nonfinite import FirstNonFiniteStep
+from vgrt.runtime.residency import step_loop
 from vgrt.runtime.sampling import check_step_count
 from vgrt.runtime.schedulers import set_timesteps
 
@@ -68,12 +69,13 @@ def invert(
     current = latents.clone()
     unet = GuidedUNet(runner, conditioning, settings.guidance_scale, current, scheduler.timesteps)
     watch = FirstNonFiniteStep("invert", latents.device)
-    for i in tqdm(range(len(timesteps)), desc="invert", disable=not settings.progress):
-        t = timesteps[i]
-        if before_step is not None:
-            before_step(i, t, current, unet.feed)
-        current = scheduler.step(unet(current, i), t, current, return_dict=False)[0]
-        trajectory[i + 1] = current
-        watch.update(i, current)
+    with step_loop("invert"):
+        for i in tqdm(range(len(timesteps)), desc="invert", disable=not settings.progress):
+            t = timesteps[i]
+            if before_step is not None:
+                before_step(i, t, current, unet.feed)
+            current = scheduler.step(unet(current, i), t, current, return_dict=False)[0]
+            trajectory[i + 1] = current
+            watch.update(i, current)
     watch.check(f"steps 0-{len(timesteps) - 1}")
     return trajectory

@@ -13,6 +13,7 @@ from vgrt.errors import InvalidInputError
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.guided_unet import BeforeStep, GuidedUNet, check_guidance_scale
 from vgrt.runtime.nonfinite import FirstNonFiniteStep
+from vgrt.runtime.residency import step_loop
 from vgrt.runtime.schedulers import SchedulerSettings, check_steps, set_timesteps
 
 # after_step(step_index, timestep, latents): runs after each scheduler step and may edit the new
@@ -81,7 +82,9 @@ def denoise(
     see vgrt.runtime.schedulers); the loop calls its set_timesteps. `generator` drives the noise of
     stochastic steps (eta > 0). With an onnxruntime runner, OrtSettings(reuse_outputs=True) saves a copy
     per step: the loop is done with each output before the next call. NaN or infinite latents raise
-    NumericalError naming the first bad step, once the loop is over (no host read per step).
+    NumericalError naming the first bad step, once the loop is over (no host read per step). Nothing in
+    the loop reads device data on the host or copies it across devices (vgrt.runtime.residency), the
+    hooks included.
     """
     options = _step_options(scheduler, settings.eta, generator)
     set_timesteps(scheduler, settings.steps)
@@ -89,14 +92,15 @@ def denoise(
     unet = GuidedUNet(runner, conditioning, settings.guidance_scale, latents, scheduler.timesteps)
     steps = range(settings.start_step, settings.steps)
     watch = FirstNonFiniteStep("denoise", latents.device)
-    for i in tqdm(steps, desc="denoise", disable=not settings.progress):
-        t = scheduler.timesteps[i]
-        if before_step is not None:
-            before_step(i, t, latents, unet.feed)
-        latents = scheduler.step(unet(latents, i), t, latents, **options)[0]
-        if after_step is not None:
-            after_step(i, t, latents)
-        watch.update(i, latents)
+    with step_loop("denoise"):
+        for i in tqdm(steps, desc="denoise", disable=not settings.progress):
+            t = scheduler.timesteps[i]  # on the host, as the scheduler keeps and reads it
+            if before_step is not None:
+                before_step(i, t, latents, unet.feed)
+            latents = scheduler.step(unet(latents, i), t, latents, **options)[0]
+            if after_step is not None:
+                after_step(i, t, latents)
+            watch.update(i, latents)
     watch.check(f"steps {steps.start}-{steps.stop - 1}")
     return latents
 

@@ -14,9 +14,11 @@ from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
-from vgrt.runtime.methods.common import Composition, StageTimes
+from vgrt.runtime.methods.common import Composition, decode, start
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
+
+COMPONENTS = ("text_encoder", "vae_decoder")  # besides the plain UNet
 
 
 @dataclass(frozen=True)
@@ -39,29 +41,30 @@ class TextToImageRequest:
 
 
 def compose(composer: Composer, request: TextToImageRequest) -> Composition:
-    request.validate()
-    if composer.preset.is_sdxl:
-        raise InvalidInputError(f"text-to-image runs SD 1.x/2.x presets; {composer.preset.name!r} is SDXL")
-    composer.check_image_size(request.width, request.height)
-    f = composer.preset.vae_factor
-    shape = (1, composer.preset.unet["in_channels"], request.height // f, request.width // f)
-    if request.latents is not None and tuple(request.latents.shape) != shape:
-        raise InvalidInputError(f"latents have shape {tuple(request.latents.shape)}; {request.width}x{request.height} "
-                                f"needs {shape}")  # fmt: skip
-    unet = composer.runner("unet")
-    composer.open("text_encoder", "vae_decoder")
-    times = StageTimes()
-    with times("encode"):
+    run = start(
+        composer, request, (request.width, request.height), "none", COMPONENTS, check=lambda: _check(composer, request)
+    )
+    with run.times("encode"):
         negative, prompt = composer.encode_prompts([request.negative_prompt, request.prompt]).split(1)
     noise = request.latents
     if noise is None:
-        noise = random_latents(shape, torch.Generator().manual_seed(request.seed))
-    with times("denoise"):
+        shape = (1, composer.preset.unet["in_channels"], *run.latent_hw)
+        noise = random_latents(shape, torch.Generator().manual_seed(request.seed), device=composer.device)
+    with run.times("denoise"):
         latents = denoise(
-            unet, build_scheduler("ddim", SchedulerSettings.for_preset(composer.preset)), noise,
+            run.unet, build_scheduler("ddim", SchedulerSettings.for_preset(composer.preset)), noise.to(composer.device),
             Conditioning({"encoder_hidden_states": prompt}, {"encoder_hidden_states": negative}),
             SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale, progress=composer.progress),
         )  # fmt: skip
-    with times("decode"):
-        image = composer.decode_latents(latents)
-    return Composition(image, latents, times)
+    return Composition(decode(composer, latents, run.times), latents, run.times)
+
+
+def _check(composer: Composer, request: TextToImageRequest) -> None:
+    if composer.preset.is_sdxl:
+        raise InvalidInputError(f"text-to-image runs SD 1.x/2.x presets; {composer.preset.name!r} is SDXL")
+    f, channels = composer.preset.vae_factor, composer.preset.unet["in_channels"]
+    shape = (1, channels, request.height // f, request.width // f)
+    if request.latents is not None and tuple(request.latents.shape) != shape:
+        raise InvalidInputError(
+            f"latents have shape {tuple(request.latents.shape)}; {request.width}x{request.height} needs {shape}"
+        )

@@ -139,7 +139,7 @@ def test_identity_refinement_lowers_the_loss(composers):
     )
     latents, t = torch.randn(1, 4, 16, 16, generator=g), scheduler.timesteps[3]
     start = guidance.values.detach().clone()
-    losses = [guidance.step(latents, t) for _ in range(3)]
+    losses = [guidance.step(latents, t).item() for _ in range(3)]  # the loss stays on the device until read
     with torch.no_grad():
         losses.append(guidance.loss(latents, t).item())
     assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses

@@ -19,9 +19,15 @@ a per-runner limit cannot prevent. So the buffer orders its users itself: each e
 while holding it and starts on the GPU after the previous holder's work ends (an event, no host wait).
 Every context of every runner that shares it binds the same buffer; their GPU work is serialised.
 
-CUDA graphs: with `cuda_graph=True`, a call whose input shapes equal its context's previous call's
-replays a graph captured from that context's execution; a change of shapes (or of the shared buffer)
-drops it. Capture is thread-local, so other threads' CUDA work does not invalidate it.
+CUDA graphs: with `cuda_graph=True`, each context keeps one graph per set of input shapes (a method's
+step loop calls the UNet at one or two shapes: its guidance batch, an inversion batch). The first call
+of a shape runs normally (TensorRT finishes its lazy set-up there), then captures that execution; every
+later call of the shape replays it, on the same buffers. Capture synchronises the device once (torch's
+`graph` does); replay never does. A new shared buffer drops a context's graphs (they hold the old
+address). Capture is thread-local, so other threads' CUDA work does not invalidate it.
+
+Device: `device` is the CUDA device the runner's buffers live on; inputs on another device (the host,
+or a caller that has not moved them yet) are copied in as part of the call.
 
 Every TensorRT call that reports failure by returning False raises instead.
 """
@@ -45,10 +51,10 @@ class TrtSettings:
     """Runtime settings of a TensorRT runner.
 
     Args:
-        cuda_graph: capture a CUDA graph and replay it while input shapes stay the same.
+        cuda_graph: capture one CUDA graph per set of input shapes, on its first call, and replay it after.
         reuse_outputs: return a context's own output buffers (overwritten by a later call; one caller
             only, see vgrt.engines.base).
-        device: CUDA device index.
+        device: CUDA device index (the runner's `device` is cuda:<device>).
         max_contexts: execution contexts the runner makes for concurrent calls (each with its own
             buffers, stream and graph); further concurrent calls wait for one.
     """
@@ -68,7 +74,7 @@ class SharedDeviceMemory:
     """
 
     def __init__(self, device: int = 0):
-        self.device = device
+        self.device = device  # CUDA device index: runners on other devices cannot share the buffer
         self.buffer: torch.Tensor | None = None
         self.generation = 0
         self._lock = threading.Lock()
@@ -93,6 +99,14 @@ class SharedDeviceMemory:
             self._last_use = done
 
 
+ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def shape_key(shapes: dict[str, tuple[int, ...]]) -> ShapeKey:
+    """The key of a call's CUDA graph: its input shapes, in a hashable form."""
+    return tuple(sorted(shapes.items()))
+
+
 @dataclass
 class TrtCall:
     """One call's state: an execution context with its bound buffers, its stream and its CUDA graph."""
@@ -102,8 +116,7 @@ class TrtCall:
     done: torch.cuda.Event  # recorded after its work when it holds shared memory
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] | None = None  # the input shapes set on the context
-    previous_shapes: dict[str, tuple[int, ...]] | None = None  # those of its last call
-    graph: object | None = None  # torch.cuda.CUDAGraph
+    graphs: dict[ShapeKey, object] = field(default_factory=dict)  # torch.cuda.CUDAGraph per input shapes
     memory_generation: int = -1
 
     def view(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -138,6 +151,12 @@ class TrtRunner(Runner):
         require_tensorrt()
         if settings.max_contexts < 1:
             raise InvalidInputError(f"max_contexts must be at least 1, got {settings.max_contexts}")
+        if shared_memory is not None and shared_memory.device != settings.device:
+            raise InvalidInputError(
+                f"shared activation memory on cuda:{shared_memory.device} cannot serve a runner on "
+                f"cuda:{settings.device}; make one SharedDeviceMemory per device"
+            )
+        self.device = torch.device("cuda", settings.device)
         self.engine_loader, self.settings = engine, settings
         self.shared_memory, self.needs_plugin = shared_memory, needs_plugin
         self.trt = self.runtime = self.engine = None
@@ -208,25 +227,27 @@ class TrtRunner(Runner):
             self._set_input_shapes(call, shapes)
         call.stream.wait_stream(caller)
         with self._memory(call), torch.cuda.stream(call.stream):
-            if call.graph is not None:
-                call.graph.replay()
-            elif self.settings.cuda_graph and shapes == call.previous_shapes:
-                # The first call with new shapes ran normally (TensorRT finishes its lazy set-up there).
-                call.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(call.graph, stream=call.stream, capture_error_mode="thread_local"):
-                    self._execute(call)
-                call.graph.replay()
-            else:
-                self._execute(call)
+            self._launch(call, shape_key(shapes))
         caller.wait_stream(call.stream)
-        call.previous_shapes = shapes
         outputs = {t.name: call.view(t.name, tuple(call.context.get_tensor_shape(t.name))) for t in self.spec.outputs}
         if self.settings.reuse_outputs:
             return outputs
         return {name: value.clone() for name, value in outputs.items()}
 
+    def _launch(self, call: TrtCall, key: ShapeKey) -> None:
+        """Replay the graph of these shapes; without one, execute, then capture a graph of the execution."""
+        graph = call.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        self._execute(call)  # the outputs of this call; TensorRT also finishes its lazy set-up here
+        if self.settings.cuda_graph:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=call.stream, capture_error_mode="thread_local"):
+                self._execute(call)  # recorded, not run
+            call.graphs[key] = graph
+
     def _set_input_shapes(self, call: TrtCall, shapes: dict[str, tuple[int, ...]]) -> None:
-        call.graph = None
         for name, shape in shapes.items():
             if not call.context.set_input_shape(name, shape):
                 raise InvalidInputError(
@@ -246,7 +267,7 @@ class TrtRunner(Runner):
             if memory.generation != call.memory_generation:
                 call.context.set_device_memory(buffer.data_ptr(), buffer.numel())
                 call.memory_generation = memory.generation
-                call.graph = None  # a captured graph holds the old buffer's address
+                call.graphs.clear()  # captured graphs hold the old buffer's address
             yield
 
     def _execute(self, call: TrtCall) -> None:

@@ -1,5 +1,8 @@
 """PyTorch reference of `masked_attention`; differentiable, and the form traced into ONNX.
 
+Outside an export and without gradients, masked calls go through the custom op `vgrt::masked_attention`
+(vgrt.plugins.masked_attention.torch_op): this reference on CPU, the Triton kernel on CUDA.
+
 Contract of the node the exporter writes (`vgrt::MaskedAttention(q, k, v, bias)`): q is already
 multiplied by the scale (TensorRT's IAttention wants a pre-scaled Q too), bias is an additive float
 broadcastable to [B, H, Lq, Lk] where -inf means "never attend". Rows whose every key is -inf give 0.
@@ -71,10 +74,15 @@ def masked_attention(
             shape=(*torch.broadcast_shapes(q.shape[:2], k.shape[:2]), q.shape[2], v.shape[3]),
             version=NODE_VERSION,
         )
-    return _prescaled_masked_attention(q, k, v, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+        return prescaled_masked_attention(q, k, v, bias)  # the gradient steps differentiate the reference
+    from vgrt.plugins.masked_attention.torch_op import masked_attention_op
+
+    return masked_attention_op(q, k, v, bias)  # this function on CPU, the Triton kernel on CUDA
 
 
-def _prescaled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def prescaled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`masked_attention` on a pre-scaled q and an additive float bias, in PyTorch."""
     # A finite floor keeps SDPA's softmax free of NaN on fully masked rows; those rows are then zeroed
     # by `where` (not a multiply, which would keep a NaN).
     floor = torch.finfo(q.dtype).min

@@ -75,6 +75,7 @@ def _kernel():
         BLOCK_N: tl.constexpr,
         BIAS_KIND: tl.constexpr,  # 0: none, 1: additive float, 2: bool (nonzero = attend)
         HAS_TILE_MASK: tl.constexpr,
+        TILES_FROM_BIAS: tl.constexpr,  # without a tile mask: skip key tiles whose bias tile allows no key
         DOT_DTYPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
@@ -100,16 +101,29 @@ def _kernel():
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
+            col_ok = start_n + offs_n < len_k
             if HAS_TILE_MASK:
                 visit = tl.load(TileMask + b * st_b + h * st_h + tile_m * st_m + (start_n // BLOCK_N) * st_n) != 0
+            elif TILES_FROM_BIAS:
+                # The tile mask computed here, from the bias tile the scores need anyway: one launch, so an
+                # engine's single-kernel (AOT) plugin skips masked tiles too. Lanes past the ends count as masked.
+                bias = tl.load(Bias + bias_offs + start_n * sb_n, mask=row_ok[:, None] & col_ok[None, :], other=0)
+                if BIAS_KIND == 1:
+                    allowed = bias.to(tl.float32) > float("-inf")
+                else:
+                    allowed = bias != 0
+                allowed = allowed & row_ok[:, None] & col_ok[None, :]
+                visit = tl.max(tl.max(allowed.to(tl.int32), 1), 0) > 0
             else:
                 visit = True
             if visit:
-                col_ok = start_n + offs_n < len_k
                 kt = tl.load(kt_ptrs + start_n * sk_n, mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
                 s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
                 if BIAS_KIND != 0:
-                    bias = tl.load(Bias + bias_offs + start_n * sb_n, mask=row_ok[:, None] & col_ok[None, :], other=0)
+                    if not TILES_FROM_BIAS:
+                        bias = tl.load(
+                            Bias + bias_offs + start_n * sb_n, mask=row_ok[:, None] & col_ok[None, :], other=0
+                        )
                     if BIAS_KIND == 1:
                         s += bias.to(tl.float32)
                     else:
@@ -235,6 +249,7 @@ def _launch(q, k, v, bias, scale, block_mask) -> torch.Tensor:
         BLOCK_N=BLOCK_N,
         BIAS_KIND=bias_kind,
         HAS_TILE_MASK=block_mask is not None,
+        TILES_FROM_BIAS=False,
         DOT_DTYPE=dot_dtype,
         # fp32 dots as in the reference (PyTorch does not use TF32 for matmuls by default).
         DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",

@@ -14,6 +14,11 @@ TensorRT's AOT launcher passes arguments: input pointers (q, k, v, bias), int32 
 It wraps the flash-attention kernel of `triton_kernel` for the dense row-major tensors TensorRT hands a
 plugin; q arrives pre-scaled (the node contract), so the plugin has no attributes.
 
+Masked key tiles are skipped in an engine too: the kernel derives each (query tile, key tile) flag from
+the bias tile before it loads keys (`TILES_FROM_BIAS`), on the GPU, in the same launch. A separate tile
+mask would need a second kernel, or a workspace or an extra plugin input, none of which an AOT
+implementation (one PTX kernel, inputs, scalars, outputs) or the exported graph has.
+
 No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations
 as classes.
 """
@@ -172,7 +177,7 @@ def plugin_kernel():
         bias_head = bias_rows * len_k * tl.minimum(bias_heads - 1, 1)
         bias_batch_stride = bias_heads * bias_rows * len_k * tl.minimum(bias_batch - 1, 1)
         _attention(
-            q, k, v, bias, q, out,  # q stands in for the tile mask, which HAS_TILE_MASK=False never reads
+            q, k, v, bias, q, out,  # q stands in for the tile mask tensor, never read: tiles come from the bias
             num_heads * q_head, q_head, HEAD_DIM, 1,
             num_heads * kv_head, kv_head, HEAD_DIM, 1,
             num_heads * kv_head, kv_head, HEAD_DIM, 1,
@@ -181,7 +186,7 @@ def plugin_kernel():
             num_heads * q_head, q_head, HEAD_DIM, 1,
             num_heads, len_q, len_k, 1.0,
             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BIAS_KIND=1,
-            HAS_TILE_MASK=False, DOT_DTYPE=DOT_DTYPE, DOT_PRECISION=DOT_PRECISION,
+            HAS_TILE_MASK=False, TILES_FROM_BIAS=True, DOT_DTYPE=DOT_DTYPE, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
 
     return masked_attention_plugin

@@ -35,11 +35,23 @@ from vgrt.errors import InvalidInputError
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning, unet_inputs
 from vgrt.runtime.inversion import InversionSettings, invert
-from vgrt.runtime.methods.common import Composition, StageTimes, check_pair, clip_pixels, dilate, erode, to_latent_grid
+from vgrt.runtime.methods.common import (
+    Composition,
+    check_pair,
+    clip_pixels,
+    decode,
+    dilate,
+    erode,
+    layer_gates,
+    start,
+    to_latent_grid,
+)
 from vgrt.runtime.sampling import SamplingSettings, denoise
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
 FEATURES = "extra_tokens"
+# besides the conditioned UNet; the plain UNet runs the inversion, where the image tokens are gated off
+COMPONENTS = ("vae_encoder", "vae_decoder", "text_encoder", "image_encoder", "image_proj", "fusion_mlp", "unet")
 EXCEPTIONAL_TOKEN = 7788  # code: every input id of the "exceptional prompt"
 CODE_SIZE = 1024  # the code's image size; its pixel kernels scale from it
 ERODE_KERNEL, DILATE_KERNEL = 5, 50  # code: cv2 erode 5x5 / dilate 50x50 of the foreground mask
@@ -137,19 +149,25 @@ def adaptive_latent_normalization(
     latent: torch.Tensor, reference: torch.Tensor, inside: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
     """The latent [C, h, w] with its `inside` positions moved toward the per-channel mean and std that
-    `reference` has outside them (AdaIN; epsilon 1 replaces the statistics, 0 leaves them)."""
+    `reference` has outside them (AdaIN; epsilon 1 replaces the statistics, 0 leaves them). Masked sums
+    rather than boolean indexing, so a step loop that calls it never syncs; `inside` [h, w] is 0/1."""
     inside = inside.bool()
-    if inside.all():
-        return latent.clone()
-    source, target = latent[:, inside], reference[:, ~inside]
-    normalized = (source - source.mean(1, keepdim=True)) / _std(source) * _std(target) + target.mean(1, keepdim=True)
-    out = latent.clone()
-    out[:, inside] = torch.lerp(source, normalized, epsilon)
-    return out
+    source_mean, source_std = _masked_statistics(latent, inside)
+    target_mean, target_std = _masked_statistics(reference, ~inside)
+    normalized = (latent - source_mean) / source_std * target_std + target_mean
+    out = torch.where(inside, torch.lerp(latent, normalized, epsilon), latent)
+    return torch.where(inside.all(), latent, out)  # nothing outside: no statistics to take
 
 
-def _std(values: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    return (values.var(1, keepdim=True, unbiased=values.shape[1] > 1) + eps).sqrt()
+def _masked_statistics(
+    values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std [C, 1, 1] of `values` [C, h, w] where `mask` [h, w] holds (unbiased from two up)."""
+    weights = mask.to(values.dtype)
+    count = weights.sum()
+    mean = (values * weights).sum((1, 2), keepdim=True) / count
+    variance = ((values - mean) ** 2 * weights).sum((1, 2), keepdim=True) / (count - 1).clamp_min(1)
+    return mean, (variance + eps).sqrt()
 
 
 def image_tokens(
@@ -181,20 +199,21 @@ def inversion_start(composer: Composer, request: AIComposerRequest, placement: P
     f = composer.preset.vae_factor
     latent_hw = (request.background.shape[2] // f, request.background.shape[3] // f)
     background, pasted = composer.encode_images(torch.cat([request.background, placement.composite])).split(1)
-    inside = to_latent_grid(placement.foreground_mask, *latent_hw)
+    inside = to_latent_grid(placement.foreground_mask, *latent_hw).to(composer.device)
     pasted = adaptive_latent_normalization(pasted[0], background[0], inside, INVERSION_ADAIN)[None]
     decoded = composer.decode_latents(torch.cat([background, pasted]))
-    return composer.encode_images(torch.lerp(decoded[:1], decoded[1:], placement.foreground_mask))
+    return composer.encode_images(torch.lerp(decoded[:1], decoded[1:], placement.foreground_mask.to(composer.device)))
 
 
 def invert_placement(
     composer: Composer, request: AIComposerRequest, clean: torch.Tensor, blank: torch.Tensor
 ) -> torch.Tensor:
     """The partial DDIM inversion of the clean latent [1, C, h, w]: [inversion_steps + 1, 1, C, h, w]."""
-    unet = composer.runner("unet", FEATURES)
-    plain = _unet_conditioning(unet.spec, blank, blank, torch.zeros(1, 1, *clean.shape[-2:]), image_tokens_on=False)
+    # The image tokens are gated off here, which is the plain UNet: run that, not the extra-token attention.
+    plain = Conditioning({"encoder_hidden_states": blank})
     return invert(
-        unet, build_scheduler("ddim_inverse", SchedulerSettings.for_preset(composer.preset)), clean, plain,
+        composer.runner("unet"), build_scheduler("ddim_inverse", SchedulerSettings.for_preset(composer.preset)), clean,
+        plain,
         InversionSettings(steps=request.steps, end_step=request.inversion_steps, progress=composer.progress),
     )  # fmt: skip
 
@@ -202,23 +221,17 @@ def invert_placement(
 def _unet_conditioning(spec, context, uncond_context, gate, image_tokens_on: bool, tokens=(None, None)) -> Conditioning:
     cond_tokens, uncond_tokens = tokens
     if cond_tokens is None:
-        cond_tokens = uncond_tokens = torch.zeros(1, 1, context.shape[-1])
-    gates = torch.zeros(spec.input("layer_gates").shape)
-    gates[:, 0] = float(image_tokens_on)  # column 0 scales the extra (image) tokens
+        cond_tokens = uncond_tokens = torch.zeros(1, 1, context.shape[-1], device=context.device)
+    gates = layer_gates(spec.input("layer_gates").shape[0], context.device, extra=float(image_tokens_on))
     cond = {"encoder_hidden_states": context, "extra_tokens": cond_tokens, "extra_gate": gate, "layer_gates": gates}
     return Conditioning(cond, {"encoder_hidden_states": uncond_context, "extra_tokens": uncond_tokens})
 
 
 def compose(composer: Composer, request: AIComposerRequest) -> Composition:
-    request.validate()
     height, width = request.background.shape[2:]
-    composer.check_image_size(width, height)
-    unet = composer.runner("unet", FEATURES)
-    composer.open("vae_encoder", "vae_decoder", "text_encoder", "image_encoder", "image_proj", "fusion_mlp")
-    times = StageTimes()
+    run = start(composer, request, (width, height), FEATURES, COMPONENTS)
+    unet, times, latent_hw = run.unet, run.times, run.latent_hw
     placement = place(request)
-    f = composer.preset.vae_factor
-    latent_hw = (height // f, width // f)
 
     with times("encode"):
         empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
@@ -229,14 +242,14 @@ def compose(composer: Composer, request: AIComposerRequest) -> Composition:
     with times("invert"):
         trajectory = invert_placement(composer, request, clean, blank)
 
-    inside = to_latent_grid(placement.foreground_mask, *latent_hw)
-    keep = to_latent_grid(placement.region, *latent_hw)  # outside it the background is re-pasted
+    inside = to_latent_grid(placement.foreground_mask, *latent_hw).to(composer.device)
+    keep = to_latent_grid(placement.region, *latent_hw).to(composer.device)  # outside it the background is re-pasted
     conditionings = {
         True: _unet_conditioning(unet.spec, prompt, empty, inside[None, None], True, tokens),
         False: _unet_conditioning(unet.spec, blank, blank, inside[None, None], False),
     }
     guided = request.guidance_scale > 1
-    feeds = {on: unet_inputs(unet.spec, c, 1, guided, torch.device("cpu")) for on, c in conditionings.items()}
+    feeds = {on: unet_inputs(unet.spec, c, 1, guided, composer.device) for on, c in conditionings.items()}
     last = len(trajectory) - 1
 
     def before_step(i, t, latents, feed):
@@ -256,6 +269,4 @@ def compose(composer: Composer, request: AIComposerRequest) -> Composition:
                              start_step=request.inversion_steps, progress=composer.progress),
             before_step=before_step, after_step=after_step,
         )  # fmt: skip
-    with times("decode"):
-        image = composer.decode_latents(latents)
-    return Composition(image, latents, times)
+    return Composition(decode(composer, latents, times), latents, times)

@@ -35,15 +35,28 @@ def segments_from_maps(maps: torch.Tensor, threshold: float = SEGMENT_THRESHOLD)
     return segments
 
 
-def segment_crops(image: torch.Tensor, segments: torch.Tensor, size: int) -> torch.Tensor:
+Bounds = tuple[tuple[int, int, int, int], ...]  # (y0, y1, x0, x1) of each segment, ends exclusive
+
+
+def segment_bounds(segments: torch.Tensor) -> Bounds:
+    """Bounding boxes of segments [S, h, w] on their grid (host reads: compute them once, outside loops)."""
+    bounds = []
+    for segment in segments:
+        ys, xs = torch.nonzero(segment, as_tuple=True)
+        bounds.append((int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1))
+    return tuple(bounds)
+
+
+def segment_crops(image: torch.Tensor, segments: torch.Tensor, size: int, bounds: Bounds | None = None) -> torch.Tensor:
     """Image [1, 3, H, W] in [-1, 1] and segments [S, h, w] -> CLIP inputs [S, 3, size, size]: each
-    segment's bounding box, grey outside the segment. Differentiable in `image`."""
+    segment's bounding box, grey outside the segment. Differentiable in `image`. The image is a whole
+    multiple of the segments' grid (the VAE factor); `bounds` (from segment_bounds) saves the host reads."""
     height, width = image.shape[2:]
+    factor = height // segments.shape[1]
     masks = F.interpolate(segments[:, None].float(), size=(height, width), mode="nearest")
     crops = []
-    for mask in masks:
-        ys, xs = torch.nonzero(mask[0], as_tuple=True)
-        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    for mask, (y0, y1, x0, x1) in zip(masks, bounds or segment_bounds(segments)):
+        y0, y1, x0, x1 = y0 * factor, y1 * factor, x0 * factor, x1 * factor
         crops.append(clip_pixels(image[..., y0:y1, x0:x1] * mask[None, :, y0:y1, x0:x1], size))
     return torch.cat(crops)
 
@@ -103,8 +116,12 @@ class IdentityGuidance:
     each object's segment cropped and embedded by the CLIP image encoder, and the mean over objects of
     the cosine distance to the object's reference embedding. Keys, segments and weights stay fixed.
 
+    Everything it makes stays on the latents' device: a step reads nothing back to the host (`step`
+    returns the loss as a tensor).
+
     Args:
-        inputs: the UNet's conditional inputs for one row other than sample, timestep and extra_tokens.
+        inputs: the UNet's conditional inputs for one row other than sample, timestep and extra_tokens,
+            on the modules' device.
         references: reference embeddings [O, P], in object order; segments [O, h, w] likewise.
         alphas_cumprod: the scheduler's training noise schedule, indexed by timestep.
     """
@@ -122,25 +139,26 @@ class IdentityGuidance:
         lr: float,
     ):
         self.modules, self.inputs, self.references, self.segments = modules, inputs, references, segments
+        self.bounds = segment_bounds(segments)  # the crop boxes, read once here rather than every step
         self.alphas_cumprod, self.prediction_type, self.clip_size = alphas_cumprod, prediction_type, clip_size
         self.values = values.detach().clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.values], lr=lr)
 
     def loss(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        sample = latents.detach().float().cpu()
-        t = torch.as_tensor(timestep).cpu()
-        output = self.modules.unet(
-            sample=sample, timestep=t.float().expand(len(sample)), extra_tokens=self.values, **self.inputs
-        )
+        sample = latents.detach().float()
+        t = torch.as_tensor(timestep)  # a host timestep, as the schedulers keep it: read without a sync
+        timesteps = torch.full((len(sample),), float(t), device=sample.device)  # a fill, not a copy
+        output = self.modules.unet(sample=sample, timestep=timesteps, extra_tokens=self.values, **self.inputs)
         x0 = predicted_x0(sample, output, self.alphas_cumprod[t.long()], self.prediction_type)
-        crops = segment_crops(self.modules.vae_decoder(x0), self.segments, self.clip_size)
+        crops = segment_crops(self.modules.vae_decoder(x0), self.segments, self.clip_size, self.bounds)
         embeds = self.modules.image_encoder(crops)[0]
         return (1 - F.cosine_similarity(embeds, self.references, dim=-1)).mean()
 
-    def step(self, latents: torch.Tensor, timestep: torch.Tensor) -> float:
-        """One update of the value tokens at `latents` [1, C, h, w], timestep `timestep`; returns the loss before it."""
+    def step(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """One update of the value tokens at `latents` [1, C, h, w], timestep `timestep`; returns the loss
+        before it (0-dim, on the device: read it after the loop)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(latents, timestep)
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        return loss.detach()

@@ -25,11 +25,12 @@ from vgrt.models.presets import ShapeProfile
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.images import Box
-from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels
+from vgrt.runtime.methods.common import Composition, clip_pixels, decode, layer_gates, start
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
 FEATURES = "extra_tokens,regions"
+COMPONENTS = ("text_encoder", "image_encoder", "appearance_net", "vae_decoder")  # besides the UNet
 POOLED_GRID = 2  # patch tokens pooled to a 2x2 grid, plus the class token: 5 tokens per image
 
 
@@ -123,14 +124,11 @@ def layout_inputs(request: LocRefRequest, tokens_per_image: int, latent_hw: tupl
 
 
 def compose(composer: Composer, request: LocRefRequest) -> Composition:
-    request.validate()
-    check_reference_count(len(request.references), composer.preset.profile)
-    composer.check_image_size(request.width, request.height)
-    unet = composer.runner("unet", FEATURES)
-    composer.open("text_encoder", "image_encoder", "appearance_net", "vae_decoder")
-    times = StageTimes()
-    f = composer.preset.vae_factor
-    latent_hw = (request.height // f, request.width // f)
+    run = start(
+        composer, request, (request.width, request.height), FEATURES, COMPONENTS,
+        check=lambda: check_reference_count(len(request.references), composer.preset.profile),
+    )  # fmt: skip
+    unet, times, latent_hw = run.unet, run.times, run.latent_hw
     with times("encode"):
         empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
         tokens = image_tokens(composer, [*request.references, composite(request)])
@@ -138,15 +136,13 @@ def compose(composer: Composer, request: LocRefRequest) -> Composition:
     blocks = unet.spec.input("layer_gates").shape[0]
     cond = {
         "encoder_hidden_states": prompt, "extra_tokens": tokens.reshape(1, -1, tokens.shape[-1]),
-        "layer_gates": torch.ones(blocks, 2), **layout,
+        "layer_gates": layer_gates(blocks, composer.device, extra=1.0), **layout,
     }  # fmt: skip
     uncond = {"encoder_hidden_states": empty, "extra_gate": torch.zeros_like(layout["extra_gate"])}
-    noise = random_latents((1, 4, *latent_hw), torch.Generator().manual_seed(request.seed))
+    noise = random_latents((1, 4, *latent_hw), torch.Generator().manual_seed(request.seed), device=composer.device)
     with times("denoise"):
         latents = denoise(
             unet, build_scheduler("ddim", SchedulerSettings.for_preset(composer.preset)), noise, Conditioning(cond, uncond),
             SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale, progress=composer.progress),
         )  # fmt: skip
-    with times("decode"):
-        image = composer.decode_latents(latents)
-    return Composition(image, latents, times)
+    return Composition(decode(composer, latents, times), latents, times)

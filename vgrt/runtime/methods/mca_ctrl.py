@@ -25,15 +25,17 @@ import torch
 
 from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
+from vgrt.models.processors import MUTUAL_GATE
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning, unet_inputs
 from vgrt.runtime.inversion import InversionSettings, invert
-from vgrt.runtime.methods.common import Composition, StageTimes, check_pair, dilate, to_latent_grid
+from vgrt.runtime.methods.common import Composition, check_pair, decode, dilate, layer_gates, start, to_latent_grid
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
 MODES = ("edit", "generate")
 FEATURES = "mutual"
+COMPONENTS = ("vae_encoder", "text_encoder", "vae_decoder", "unet")  # besides the mutual UNet; the plain one inverts
 SAGI_END_STEP = 5  # code: self_replace_steps=0.1 of 50 steps
 EDIT_SALQ_FIRST_BLOCK = 9 / 16  # code: START_LAYER=9 of SD 1.5's 16 transformer blocks
 REGION_DILATION = 5  # code: cv2.dilate(mask, np.ones((3, 3)), iterations=5) in edit mode
@@ -79,39 +81,36 @@ class McaCtrlRequest:
 class _Branches:
     """Row layout of one CFG half: which rows are references (overwritten by their inversion)."""
 
-    references: tuple[int, ...]  # rows taken from the inverted latents, in inversion order
+    references: int  # the leading rows, taken from the inverted latents in inversion order
     target: int
     condition: int | None  # the row whose queries/keys form the background in SAGI
 
 
 def _layout(mode: str) -> _Branches:
-    return _Branches((0, 1), 2, 0) if mode == "edit" else _Branches((0,), 1, None)
+    return _Branches(2, 2, 0) if mode == "edit" else _Branches(1, 1, None)
 
 
 def _groups(rows: int, target: int, fg: tuple[int, int], bg: tuple[int, int], masks: dict[str, torch.Tensor]) -> dict:
     """Mutual-attention inputs for one half: every row plain except the target, whose foreground group
     reads (queries, keys/values) of rows `fg` over subject keys and whose background group reads rows
-    `bg` over keys outside the region, blended by the region mask."""
-    h, w = masks["subject"].shape
-    identity = torch.arange(rows)
+    `bg` over keys outside the region, blended by the region mask; made on the masks' device."""
+    (h, w), device = masks["subject"].shape, masks["subject"].device
+    identity = torch.arange(rows, device=device)
     q_index, kv_index = identity.repeat(2, 1), identity.repeat(2, 1)
-    key_masks = torch.ones(2, rows, h, w)
-    gates = torch.zeros(2, rows, h, w)
+    key_masks = torch.ones(2, rows, h, w, device=device)
+    gates = torch.zeros(2, rows, h, w, device=device)
     gates[0] = 1.0  # non-target rows: group 0 is their own plain attention
-    q_index[:, target] = torch.tensor([fg[0], bg[0]])
-    kv_index[:, target] = torch.tensor([fg[1], bg[1]])
+    q_index[:, target] = torch.tensor([fg[0], bg[0]], device=device)
+    kv_index[:, target] = torch.tensor([fg[1], bg[1]], device=device)
     key_masks[0, target], key_masks[1, target] = masks["subject"], 1 - masks["region"]
     gates[0, target], gates[1, target] = masks["region"], 1 - masks["region"]
     return {"q_index": q_index, "kv_index": kv_index, "self_key_masks": key_masks, "self_out_gates": gates}
 
 
 def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
-    request.validate()
     height, width = request.condition.shape[2:]
-    composer.check_image_size(width, height)
-    unet = composer.runner("unet", FEATURES)
-    composer.open("vae_encoder", "text_encoder", "vae_decoder")
-    times = StageTimes()
+    run = start(composer, request, (width, height), FEATURES, COMPONENTS)
+    unet, times = run.unet, run.times
     branches = _layout(request.mode)
     rows = branches.target + 1
 
@@ -123,30 +122,29 @@ def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
     region = request.region_mask
     if request.mode == "edit":
         region = dilate(region, REGION_DILATION)
+    device = composer.device
     masks = {"subject": to_latent_grid(request.subject_mask, h, w), "region": to_latent_grid(region, h, w)}
+    masks = {name: mask.to(device) for name, mask in masks.items()}
 
     blocks = unet.spec.input("layer_gates").shape[0]
-    plain_gates = torch.zeros(blocks, 2)
-    inversion_inputs = {"encoder_hidden_states": empty.expand(len(clean), -1, -1), "layer_gates": plain_gates,
-                        **_groups(len(clean), 0, (0, 0), (0, 0), masks)}  # fmt: skip
+    # The inversion has every mutual gate at 0, which is the plain UNet: run that, not the grouped attention.
+    inversion_inputs = {"encoder_hidden_states": empty.expand(len(clean), -1, -1)}
     scheduler_settings = SchedulerSettings.for_preset(composer.preset)
     with times("invert"):
         trajectory = invert(
-            unet, build_scheduler("ddim_inverse", scheduler_settings), clean, Conditioning(inversion_inputs),
-            InversionSettings(steps=request.steps, progress=composer.progress),
+            composer.runner("unet"), build_scheduler("ddim_inverse", scheduler_settings), clean,
+            Conditioning(inversion_inputs), InversionSettings(steps=request.steps, progress=composer.progress),
         )  # fmt: skip
 
-    phases = _phase_feeds(unet.spec, request, branches, rows, masks, empty, prompt, blocks)
-    start = (
-        torch.cat([trajectory[-1], trajectory[-1][:1]])
-        if request.mode == "edit"
-        else torch.cat(
-            [trajectory[-1], random_latents(trajectory[-1].shape, torch.Generator().manual_seed(request.seed))]
-        )
-    )
+    phases = _phase_feeds(unet.spec, request, branches, rows, masks, empty, prompt, blocks, device)
+    if request.mode == "edit":
+        first = torch.cat([trajectory[-1], trajectory[-1][:1]])
+    else:
+        noise = random_latents(trajectory[-1].shape, torch.Generator().manual_seed(request.seed), device=device)
+        first = torch.cat([trajectory[-1], noise])
 
     def before_step(i, t, latents, feed):
-        latents[list(branches.references)] = trajectory[-1 - i]
+        latents[: branches.references] = trajectory[-1 - i]
         feed.update(phases[_phase(request.mode, i)])
 
     def after_step(i, t, latents):
@@ -156,14 +154,12 @@ def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
 
     with times("denoise"):
         latents = denoise(
-            unet, build_scheduler("ddim", scheduler_settings), start, Conditioning(phases["plain_cond"], phases["plain_uncond"]),
+            unet, build_scheduler("ddim", scheduler_settings), first, Conditioning(phases["plain_cond"], phases["plain_uncond"]),
             SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale, progress=composer.progress),
             before_step=before_step, after_step=after_step,
         )  # fmt: skip
     target = latents[branches.target : branches.target + 1]
-    with times("decode"):
-        image = composer.decode_latents(target)
-    return Composition(image, target, times)
+    return Composition(decode(composer, target, times), target, times)
 
 
 def _phase(mode: str, step: int) -> str:
@@ -172,8 +168,8 @@ def _phase(mode: str, step: int) -> str:
     return "plain" if mode == "generate" and step == 0 else "sagi"
 
 
-def _phase_feeds(spec, request, branches: _Branches, rows: int, masks, empty, prompt, blocks: int) -> dict:
-    """The UNet inputs of each phase, built (and stacked for guidance) once for the whole run."""
+def _phase_feeds(spec, request, branches: _Branches, rows: int, masks, empty, prompt, blocks: int, device) -> dict:
+    """The UNet inputs of each phase, built (and stacked for guidance) once for the whole run, on `device`."""
     target = branches.target
     if request.mode == "edit":
         sagi = _groups(rows, target, fg=(1, 1), bg=(0, 0), masks=masks)
@@ -189,9 +185,9 @@ def _phase_feeds(spec, request, branches: _Branches, rows: int, masks, empty, pr
     guided = request.guidance_scale > 1
     feeds = {}
     for name, groups, first_block in (("plain", sagi, blocks), ("sagi", sagi, 0), ("salq", salq, salq_first)):
-        gates = torch.zeros(blocks, 2)
-        gates[first_block:, 1] = 1.0  # column 1 blends mutual attention in
+        gates = layer_gates(blocks, device)
+        gates[first_block:, MUTUAL_GATE] = 1.0  # blends mutual attention in from this block on
         cond = {"encoder_hidden_states": context, "layer_gates": gates, **groups}
         feeds[f"{name}_cond"], feeds[f"{name}_uncond"] = cond, uncond
-        feeds[name] = unet_inputs(spec, Conditioning(cond, uncond), rows, guided, torch.device("cpu"))
+        feeds[name] = unet_inputs(spec, Conditioning(cond, uncond), rows, guided, device)
     return feeds

@@ -113,7 +113,8 @@ def noise_regularizer(noise: torch.Tensor, block: int, shuffles: int, generator:
         raise InvalidInputError(
             f"the noise has {flat.numel()} entries, which blocks of {block} do not divide: choose another block"
         )
-    orders = [torch.randperm(flat.numel(), generator=generator).to(flat.device) for _ in range(shuffles)]
+    orders = [torch.randperm(flat.numel(), generator=generator) for _ in range(shuffles)]  # on the CPU generator
+    orders = torch.stack(orders).to(flat.device) if orders else []  # one copy to the device, not one per order
     shuffled = [_gaussian_log_bound(flat[order].view(-1, block)) for order in orders]
     return -(_gaussian_log_bound(flat.view(-1, block)) + (torch.stack(shuffled).mean() if shuffled else 0.0))
 
@@ -161,11 +162,12 @@ class PnoObjective:
     ):
         self.models, self.settings, self.steps, self.guidance_scale = models, settings, steps, guidance_scale
         self.scheduler = build_scheduler("ddim", scheduler)
-        self.dtype = next(models.unet.parameters()).dtype
-        self.uncond = uncond.to(self.dtype)
+        parameter = next(models.unet.parameters())
+        self.dtype, self.device = parameter.dtype, parameter.device
+        self.uncond = uncond.to(self.device, self.dtype)
         self.clip_size = models.image_encoder.model.config.image_size
         with torch.no_grad():
-            self.reference = self.embed(reference.to(self.dtype))
+            self.reference = self.embed(reference.to(self.device, self.dtype))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Projected CLIP image embeddings of images [B, 3, H, W] in [-1, 1]."""
@@ -215,8 +217,8 @@ def optimize(
 ) -> PnoResult:
     """Run PNO from the conditional `context` and x_T `noise` (left untouched)."""
     started = time.perf_counter()
-    context = context.detach().to(objective.dtype).clone().requires_grad_(True)
-    noise = noise.detach().to(objective.dtype).clone().requires_grad_(True)
+    context = context.detach().to(objective.device, objective.dtype).clone().requires_grad_(True)
+    noise = noise.detach().to(objective.device, objective.dtype).clone().requires_grad_(True)
     optimizer = torch.optim.AdamW(
         [{"params": [context], "lr": settings.lr_prompt}, {"params": [noise], "lr": settings.lr_noise}]
     )
@@ -233,20 +235,23 @@ def optimize(
         except NumericalError as err:  # the sampling went NaN: stop as for a non-finite loss
             stopped = f"at iteration {i} (after {i} updates), {err}"
             break
-        loss = terms.total.item()
+        # One host read per iteration (each a whole sampling run, decode and backward): stopping on a
+        # non-finite loss and keeping the best variables decide on its value. No step loop is inside it.
+        loss, similarity, regularizer = torch.stack([terms.total, terms.similarity, terms.noise]).tolist()
         if not math.isfinite(loss):
             stopped = f"the loss became {loss} at iteration {i} (after {i} updates)"
             break
         losses.append(loss)
-        similarities.append(terms.similarity.item())
+        similarities.append(similarity)
         if best is None or loss < best[1]:
             best = (i, loss, context.detach().clone(), noise.detach().clone())
         log.info("PNO iteration %d/%d: loss %.5f (similarity %.5f, noise regularizer %.5f)",
-                 i, settings.iterations, loss, similarities[-1], terms.noise.item())  # fmt: skip
+                 i, settings.iterations, loss, similarity, regularizer)  # fmt: skip
         if not updating:
             break
         optimizer.zero_grad()
         terms.total.backward()
+        # The second read: a non-finite gradient must stop the loop before it updates the variables.
         norm = torch.nn.utils.clip_grad_norm_([context, noise], settings.max_grad_norm).item()
         if not math.isfinite(norm):
             stopped = f"the gradient norm became {norm} at iteration {i} (after {i} updates)"

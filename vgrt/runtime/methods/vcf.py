@@ -32,12 +32,13 @@ from vgrt.errors import InvalidInputError
 from vgrt.models.presets import Range
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
-from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels
+from vgrt.runtime.methods.common import Composition, clip_pixels, decode, start
 from vgrt.runtime.methods.pno import PnoModels, PnoObjective, PnoResult, PnoSettings, optimize
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
 FUSIONS = ("concat", "blend", "xattn")
+COMPONENTS = ("text_encoder", "image_encoder", "aligner", "vae_decoder")  # besides the UNet
 TOKENS = ("all", "patches", "cls")  # the code's fusion_token_type: all, except_cls, cls_only
 
 
@@ -168,21 +169,17 @@ def encode(composer: Composer, request: VcfRequest) -> tuple[torch.Tensor, torch
 
 
 def compose(composer: Composer, request: VcfRequest) -> VcfComposition:
-    request.validate()
-    composer.check_image_size(request.width, request.height)
-    unet = composer.runner("unet")
-    composer.open("text_encoder", "image_encoder", "aligner", "vae_decoder")
+    run = start(composer, request, (request.width, request.height), "none", COMPONENTS)
+    unet, times = run.unet, run.times
     text_tokens = composer.runner("text_encoder").spec.input("input_ids").shape[1]
     outputs = composer.runner("image_encoder").spec.outputs
     image_tokens = next(t for t in outputs if t.name == "penultimate_tokens").shape[1]
     check_context_fits(fused_length(request, text_tokens, image_tokens), unet.spec.dims["context"])
     models = PnoModels.from_composer(composer) if request.pno is not None else None  # built before the timers
-    times = StageTimes()
-    f = composer.preset.vae_factor
     scheduler = SchedulerSettings.for_preset(composer.preset)
     with times("encode"):
         cond, uncond = encode(composer, request)
-    noise = random_latents((1, 4, request.height // f, request.width // f), torch.Generator().manual_seed(request.seed))
+    noise = random_latents((1, 4, *run.latent_hw), torch.Generator().manual_seed(request.seed), composer.device)
     result = None
     if request.pno is not None:
         with times("pno"):
@@ -197,6 +194,4 @@ def compose(composer: Composer, request: VcfRequest) -> VcfComposition:
             Conditioning({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}),
             SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale, progress=composer.progress),
         )  # fmt: skip
-    with times("decode"):
-        image = composer.decode_latents(latents)
-    return VcfComposition(image, latents, times, result)
+    return VcfComposition(decode(composer, latents, times), latents, times, result)

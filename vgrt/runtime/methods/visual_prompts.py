@@ -43,7 +43,7 @@ from vgrt.models.presets import ShapeProfile
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.images import Box
-from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels
+from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels, decode, layer_gates, start
 from vgrt.runtime.methods.compositional_guidance import (
     GuidanceModules,
     GuidanceStep,
@@ -57,6 +57,13 @@ from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
 FEATURES = "extra_tokens,kv_source,regions,probes"
+COMPONENTS = (
+    "text_encoder",
+    "image_encoder",
+    "layout_adapter",
+    "appearance_adapter",
+    "vae_decoder",
+)  # besides the UNet
 GRADIENT_FEATURES = "extra_tokens,kv_source,regions"  # the same weights; the gradient steps need no maps
 
 
@@ -168,13 +175,14 @@ def box_segments(boxes: tuple[Box, ...], width: int, height: int, factor: int) -
     return F.max_pool2d(masks, factor) > 0
 
 
-def token_regions(objects: int) -> torch.Tensor:
+def token_regions(objects: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[1, O, O*K]: object o owns its K tokens."""
-    return torch.eye(objects).repeat_interleave(OBJECT_TOKENS, dim=1)[None]
+    return torch.eye(objects, device=device).repeat_interleave(OBJECT_TOKENS, dim=1)[None]
 
 
 class _MapRecorder:
-    """Runs a UNet runner with the probes output and sums the last (conditional) row's attention maps."""
+    """Runs a UNet runner with the probes output and sums the last (conditional) row's attention maps, on
+    the runner's output device (nothing read back per step)."""
 
     def __init__(self, runner):
         self.runner, self.spec = runner, runner.spec
@@ -183,7 +191,7 @@ class _MapRecorder:
 
     def infer(self, feed, validate=True):
         out = self.runner.infer(feed, validate)
-        maps = out["attention_maps"][-1].float().cpu()
+        maps = out["attention_maps"][-1].float()
         self.total = maps.clone() if self.total is None else self.total + maps
         self.calls += 1
         return out
@@ -207,19 +215,17 @@ class VisualPromptsComposition(Composition):
 def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsComposition:
     """Stages in `times`: encode, first_pass and match (without boxes), guidance (the gradient steps in
     PyTorch), denoise (the guided pass on the engine, less its gradient steps), decode."""
-    request.validate()
-    check_object_count(len(request.objects), composer.preset.profile)
-    composer.check_image_size(request.width, request.height)
-    unet = composer.runner("unet", FEATURES)
-    composer.open("text_encoder", "image_encoder", "layout_adapter", "appearance_adapter", "vae_decoder")
+    run = start(
+        composer, request, (request.width, request.height), FEATURES, COMPONENTS,
+        check=lambda: check_object_count(len(request.objects), composer.preset.profile),
+    )  # fmt: skip
+    unet, times, latent_hw = run.unet, run.times, run.latent_hw
     modules = None
     if request.guidance_steps:
         modules = GuidanceModules(
             composer.module("unet", GRADIENT_FEATURES), composer.module("vae_decoder"), composer.module("image_encoder")
         )
-    times = StageTimes()
-    f, count = composer.preset.vae_factor, len(request.objects)
-    latent_hw = (request.height // f, request.width // f)
+    f, count, device = composer.preset.vae_factor, len(request.objects), composer.device
     with times("encode"):
         empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
         tokens = encode_objects(composer, request.objects)
@@ -227,20 +233,21 @@ def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsC
         "encoder_hidden_states": prompt,
         "extra_tokens": tokens.values.reshape(1, -1, tokens.values.shape[-1]),
         "extra_key_tokens": tokens.keys.reshape(1, -1, tokens.keys.shape[-1]),
-        "extra_gate": torch.ones(1, 1, *latent_hw),
-        "region_masks": torch.ones(1, count, *latent_hw),
-        "token_regions": token_regions(count),
-        "layer_gates": torch.ones(unet.spec.input("layer_gates").shape[0], 2),
+        "extra_gate": torch.ones(1, 1, *latent_hw, device=device),
+        "region_masks": torch.ones(1, count, *latent_hw, device=device),
+        "token_regions": token_regions(count, device),
+        "layer_gates": layer_gates(unet.spec.input("layer_gates").shape[0], device, extra=1.0),
     }
-    uncond = {"encoder_hidden_states": empty, "extra_gate": torch.zeros(1, 1, *latent_hw)}
+    uncond = {"encoder_hidden_states": empty, "extra_gate": torch.zeros(1, 1, *latent_hw, device=device)}
     noise = random_latents(
-        (1, unet.spec.input("sample").shape[1], *latent_hw), torch.Generator().manual_seed(request.seed)
+        (1, unet.spec.input("sample").shape[1], *latent_hw), torch.Generator().manual_seed(request.seed), device
     )
     scheduler_settings = SchedulerSettings.for_preset(composer.preset)
     sampling = SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale, progress=composer.progress)
 
     if request.boxes:
-        segments, assignment = box_segments(request.boxes, request.width, request.height, f), tuple(range(count))
+        segments = box_segments(request.boxes, request.width, request.height, f).to(device)
+        assignment = tuple(range(count))
     else:
         with times("first_pass"):
             recorder = _MapRecorder(unet)
@@ -254,7 +261,7 @@ def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsC
     cond["region_masks"] = segments[None].float()
 
     scheduler = build_scheduler("ddim", scheduler_settings)
-    log: list[GuidanceStep] = []
+    log: list[tuple] = []  # (step, loss on the device, torch seconds, engine seconds), read after the loop
     hooks = {}
     if modules is not None:
         guidance = IdentityGuidance(
@@ -266,15 +273,16 @@ def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsC
     with times("denoise"):
         latents = denoise(unet, scheduler, noise, Conditioning(cond, uncond), sampling, **hooks)
     times.seconds["denoise"] -= times.seconds.get("guidance", 0.0)
-    with times("decode"):
-        image = composer.decode_latents(latents)
-    return VisualPromptsComposition(image, latents, times, segments, assignment, tuple(log))
+    image = decode(composer, latents, times)
+    steps = tuple(GuidanceStep(i, float(loss), *seconds) for i, loss, *seconds in log)
+    return VisualPromptsComposition(image, latents, times, segments, assignment, steps)
 
 
-def _guidance_hooks(guidance: IdentityGuidance, steps: int, times: StageTimes, log: list[GuidanceStep]) -> dict:
+def _guidance_hooks(guidance: IdentityGuidance, steps: int, times: StageTimes, log: list[tuple]) -> dict:
     """before_step: a gradient step, its tokens written into the feed's conditional row; after_step:
-    the engine time of that denoising step."""
-    pending: dict[str, float] = {}
+    the engine time of that denoising step. Nothing is read back: on a GPU the seconds are those of the
+    host's work and launches, as the loop runs ahead of the device."""
+    pending: dict[str, float | torch.Tensor] = {}
 
     def before_step(i, t, latents, feed):
         if i >= steps:
@@ -289,6 +297,6 @@ def _guidance_hooks(guidance: IdentityGuidance, steps: int, times: StageTimes, l
     def after_step(i, t, latents):
         if pending.get("step") == i:
             engine_seconds = time.perf_counter() - pending.pop("engine_started")
-            log.append(GuidanceStep(i, pending["loss"], pending["torch_seconds"], engine_seconds))
+            log.append((i, pending["loss"], pending["torch_seconds"], engine_seconds))
 
     return {"before_step": before_step, "after_step": after_step}

@@ -1,0 +1,92 @@
+"""`vgrt calibrate`: bad input is refused with a message before anything is captured or quantised."""
+
+import pytest
+
+from vgrt.cli import main
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Capture and quantisation fail the test if reached."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the input was checked")
+
+    monkeypatch.setattr("vgrt.calibration.capture.capture", refuse)
+    monkeypatch.setattr("vgrt.calibration.int8.quantize_export", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--target", "tensorrt"], "--target tensorrt --precision int8 is not built yet"),
+        (["--precision", "fp8"], "--target cpu --precision fp8 is not built yet"),
+        (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
+        (["--calls", "every:0"], "--calls 'every:0' is not 'all', 'every:K'"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--seeds", "a,b"], "--seeds 'a,b' is not comma-separated whole numbers"),
+        (["--preset", "sd99"], "sd99"),
+        (["--capture-only", "--from-set"], "--from-set and --capture-only exclude each other"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, no_work, extra, message):
+    code = main(["calibrate", "vcf", "--out", str(tmp_path / "int8"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "int8").exists() and not (tmp_path / "int8-calibration").exists()
+
+
+def test_out_is_required_unless_only_capturing(capsys, no_work):
+    assert main(["calibrate", "vcf"]) == 2
+    assert "give --out DIR, the INT8 export to write" in capsys.readouterr().err
+
+
+def test_a_foreign_out_folder_is_refused_before_any_work(tmp_path, capsys, no_work):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["calibrate", "vcf", "--out", str(tmp_path / "mine")]) == 2
+    assert "is a folder that is not a vgrt export" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_method_input_error_names_the_option(tmp_path, capsys, no_work):
+    code = main(["calibrate", "vcf", "--prompt", "a ball", "--out", str(tmp_path / "int8")])  # no --reference
+    assert code == 2
+    assert "--reference is required" in capsys.readouterr().err
+
+
+def test_from_set_without_a_set_names_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("vgrt.calibration.int8.quantize_export", pytest.fail)
+    code = main(["calibrate", "vcf", "--from-set", "--set", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "holds no calibration set" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calibrate_captures_quantises_and_reports(tmp_path, capsys, composer_cache):
+    from vgrt.engines import open_runner
+    from vgrt.export.manifest import read_manifest
+
+    out = tmp_path / "int8"
+    args = [
+        "calibrate",
+        "vcf",
+        "--steps",
+        "4",
+        "--example-size",
+        "32",
+        "--out",
+        str(out),
+        "--cache",
+        str(composer_cache),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "captured 8 samples" in printed and "UNet output relative error vs fp32" in printed
+    assert "vcf seed 0: int8" in printed and "vcf seed 1: int8" in printed  # the quality report, per run
+    manifest = read_manifest(out)
+    assert manifest.precision == "int8" and manifest.data["quantization"]["calibration"]["samples"] == 8
+    with open_runner(out, backend="onnxruntime"):
+        pass
+    assert main(args) == 0  # a re-run resumes: the set is complete, only the quantisation runs again
+    assert "captured 8 samples" in capsys.readouterr().out

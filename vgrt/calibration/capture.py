@@ -1,0 +1,277 @@
+"""Capture the UNet feeds of real method runs into a calibration set.
+
+A Composer made with `runner_hook` runs its UNet runners wrapped in `RecordingRunner`, which keeps a copy
+of every feed (the methods reuse their feed buffers from step to step, so a reference would not do). After
+each run the chosen calls (`CallSelection`: every call, every k-th, or given indices; inversion and
+denoising calls are counted together, in the order they ran) are thinned evenly to the run's share of
+`max_samples` and written as one shard (vgrt.calibration.dataset). Runs already in the set are skipped,
+so an interrupted capture resumes where it stopped.
+
+By default the runs are the methods on the example inputs of `vgrt examples` (`example_runs`); any
+(compose function, request) pair works, e.g. a request built from a user's own images.
+"""
+
+import dataclasses
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vgrt.calibration import DEFAULT_MAX_SAMPLES, DEFAULT_SEEDS, DEFAULT_STEPS
+from vgrt.calibration.dataset import CalibrationSet, CapturedRun, SetWriter, open_for_capture, read_set
+from vgrt.checks import check_seed
+from vgrt.engines.base import Runner
+from vgrt.errors import InvalidInputError
+from vgrt.models.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CallSelection:
+    """Which UNet calls of a run to keep: all, every k-th (`every`), or the calls at `indices`."""
+
+    every: int = 1
+    indices: frozenset[int] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "CallSelection":
+        """'all', 'every:K' or comma-separated call indices such as '0,5,9'."""
+        text = text.strip()
+        try:
+            if text == "all":
+                return cls()
+            if text.startswith("every:"):
+                every = int(text.removeprefix("every:"))
+                if every >= 1:
+                    return cls(every=every)
+            else:
+                indices = frozenset(int(part) for part in text.split(","))
+                if indices and min(indices) >= 0:
+                    return cls(indices=indices)
+        except ValueError:
+            pass
+        raise InvalidInputError(
+            f"--calls {text!r} is not 'all', 'every:K' (K >= 1) or call indices >= 0 such as '0,5,9'"
+        )
+
+    def selects(self, index: int) -> bool:
+        return index in self.indices if self.indices is not None else index % self.every == 0
+
+    def text(self) -> str:
+        if self.indices is not None:
+            return ",".join(map(str, sorted(self.indices)))
+        return "all" if self.every == 1 else f"every:{self.every}"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One method run to capture: its compose function and request, and the key it is stored under."""
+
+    method: str  # the method, or a variant of it (a benchmark case such as vcf-pno)
+    features: str  # the UNet feature set the method runs (vgrt.models.features)
+    compose: Callable[[Any, Any], Any]
+    request: Any
+    seed: int | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-{request_digest(self.request)[:12]}"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The run's image size in pixels: the request's width and height, else its first image's."""
+        if hasattr(self.request, "width"):
+            return self.request.width, self.request.height
+        image = next(v for f in dataclasses.fields(self.request) if (v := getattr(self.request, f.name)) is not None
+                     and isinstance(v, torch.Tensor) and v.ndim == 4)  # fmt: skip
+        return image.shape[-1], image.shape[-2]
+
+
+def plan_runs(name: str, method: Any, request: Any, seeds: Sequence[int] = DEFAULT_SEEDS) -> list[PlannedRun]:
+    """`request` of `method` (a vgrt.runtime.methods.registry.Method) once per seed; once only for a
+    method without a seed (it starts from an inversion)."""
+    if not seeds:
+        raise InvalidInputError("--seeds is empty; give at least one seed, e.g. --seeds 0,1")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
+    if not any(field.name == "seed" for field in dataclasses.fields(request)):
+        return [PlannedRun(name, method.features, method.compose, request, None)]
+    return [
+        PlannedRun(name, method.features, method.compose, dataclasses.replace(request, seed=seed), seed)
+        for seed in seeds
+    ]
+
+
+def example_runs(
+    case: str, preset: str, size: int | None = None, steps: int = DEFAULT_STEPS, seeds: Sequence[int] = DEFAULT_SEEDS
+) -> list[PlannedRun]:
+    """The benchmark `case` of `vgrt bench compose` (a method, or a variant such as vcf-pno) on the example
+    inputs of `vgrt examples`, at `size` (default: the preset's native size)."""
+    from vgrt.bench.compose_methods import example_images
+    from vgrt.models.presets import get_preset
+    from vgrt.runtime.images import check_preset_image_size
+    from vgrt.runtime.methods.registry import BENCHMARKS, Work
+
+    if case not in BENCHMARKS:
+        raise InvalidInputError(f"unknown method {case!r}; choose one of: {', '.join(BENCHMARKS)}")
+    if steps < 1:
+        raise InvalidInputError(f"--steps must be >= 1, got {steps}")
+    model = get_preset(preset)
+    size = size or model.profile.latent.opt * model.vae_factor
+    check_preset_image_size(model, size, size, what=f"--example-size {size} ({preset} preset)")
+    method, values = BENCHMARKS[case]
+    with example_images(model, size) as examples:
+        request = method.request(values(examples, Work(steps)), model)
+    return plan_runs(case, method, request, seeds)
+
+
+def request_digest(request: Any) -> str:
+    """sha256 over a request's fields, tensors by dtype, shape and bytes: the same request, the same digest."""
+    digest = hashlib.sha256(type(request).__name__.encode())
+    for field in dataclasses.fields(request):
+        digest.update(field.name.encode())
+        _digest_value(digest, getattr(request, field.name))
+    return digest.hexdigest()
+
+
+def _digest_value(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _digest_value(digest, item)
+    elif dataclasses.is_dataclass(value):
+        digest.update(request_digest(value).encode())
+    else:
+        digest.update(repr(value).encode())
+
+
+class RecordingRunner(Runner):
+    """An active runner that keeps a copy of every feed it runs in `calls` (the backend call is unchanged)."""
+
+    def __init__(self, runner: Runner, calls: list[dict[str, torch.Tensor]]):
+        super().__init__(runner.spec)
+        self.runner, self.calls = runner, calls
+        self.backend = runner.backend
+        self.is_active = runner.is_active
+
+    def activate_impl(self) -> None:
+        self.runner.activate()
+
+    def deactivate_impl(self) -> None:
+        self.runner.deactivate()
+
+    def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        self.calls.append({name: value.detach().to("cpu", copy=True) for name, value in feed.items()})
+        return self.runner.infer_impl(feed, sizes)
+
+
+class FeedRecorder:
+    """The UNet feeds of the composer it hooks into, oldest first."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, torch.Tensor]] = []
+
+    def hook(self, component: str, runner: Runner) -> Runner:
+        """For `Composer(runner_hook=...)`: wrap UNet runners, leave the encoders' as they are."""
+        return RecordingRunner(runner, self.calls) if component == "unet" else runner
+
+    def take(self, selection: CallSelection, quota: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """(calls made, the selected calls thinned evenly to `quota`), and forget them. Calls of a second
+        UNet feature set in the same run (another input layout) are left out: one run, one layout."""
+        calls = list(self.calls)
+        self.calls.clear()  # in place: the wrapped runners append to this very list
+        layouts = Counter(tuple(feed) for feed in calls)
+        layout = layouts.most_common(1)[0][0] if calls else ()
+        chosen = [feed for index, feed in enumerate(calls) if selection.selects(index) and tuple(feed) == layout]
+        return len(calls), [chosen[i] for i in evenly_spaced(len(chosen), quota)]
+
+
+def evenly_spaced(count: int, quota: int) -> list[int]:
+    """Up to `quota` indices of range(count), first and last included, spread evenly."""
+    if count <= quota:
+        return list(range(count))
+    if quota <= 1:
+        return [count // 2] if quota == 1 else []
+    return sorted({round(i * (count - 1) / (quota - 1)) for i in range(quota)})
+
+
+def model_identity(source: ModelSource) -> dict[str, Any]:
+    """What a calibration set's feeds depend on besides the requests: the model's weights."""
+    weights = str(Path(source.weights).resolve()) if source.weights else None
+    return {"preset": source.preset, "weights": weights, "seed": None if weights else source.seed}
+
+
+def capture(
+    directory: str | Path,
+    source: ModelSource,
+    runs: Sequence[PlannedRun],
+    calls: CallSelection = CallSelection(),
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    backend: str = "onnxruntime",
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> CalibrationSet:
+    """Run each planned run not yet in the set at `directory` and add its chosen UNet feeds; returns the set.
+
+    The set holds at most `max_samples` samples; the runs still to capture share what is left equally.
+    """
+    from vgrt.runtime.composer import Composer
+
+    if max_samples < 1:
+        raise InvalidInputError(f"--max-samples must be >= 1, got {max_samples}")
+    with open_for_capture(directory, model_identity(source)) as writer:
+        pending = [run for run in runs if run.key not in writer.runs]
+        left = max_samples - sum(run.samples for run in writer.runs.values())
+        if len(runs) > len(pending):
+            log.info("%d of %d runs are already in %s: skipping them", len(runs) - len(pending), len(runs), directory)
+        if pending and left <= 0:
+            log.warning(
+                "the set %s already holds %d samples (--max-samples): capturing no more", directory, max_samples
+            )
+            pending = []
+        if pending:
+            recorder = FeedRecorder()
+            # the methods' own step bars show too: one run of SD 1.5 takes minutes
+            with Composer(source, backend, cache=cache, progress=progress, runner_hook=recorder.hook) as composer:
+                bar = tqdm(pending, desc="capture", unit="run", disable=not progress)
+                for index, run in enumerate(bar):
+                    quota = max(1, left // (len(pending) - index)) if left > 0 else 0
+                    if quota == 0:
+                        log.warning(
+                            "--max-samples %d is used up: %d runs left uncaptured", max_samples, len(pending) - index
+                        )
+                        break
+                    bar.set_postfix_str(f"{run.method} seed {run.seed}")
+                    left -= _capture_run(composer, recorder, run, calls, quota, writer).samples
+    return read_set(directory)
+
+
+def _capture_run(
+    composer: Any, recorder: FeedRecorder, run: PlannedRun, calls: CallSelection, quota: int, writer: SetWriter
+) -> CapturedRun:
+    """Compose `run` once and add its chosen UNet feeds to the set."""
+    recorder.calls.clear()
+    run.compose(composer, run.request)
+    made, samples = recorder.take(calls, quota)
+    if not samples:
+        raise InvalidInputError(
+            f"--calls {calls.text()} selects none of the {made} UNet calls of {run.method}; choose calls below {made}"
+        )
+    inputs = {
+        name: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for name, v in samples[0].items()
+    }
+    captured = CapturedRun(
+        run.key, run.method, run.seed, run.request.steps, run.size, run.features, inputs, made, len(samples), "", 0, ""
+    )
+    log.debug("%s: %d of %d UNet calls captured", run.key, len(samples), made)
+    return writer.add_run(captured, samples)

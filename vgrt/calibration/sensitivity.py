@@ -1,0 +1,107 @@
+"""Per-layer sensitivity of a Q/DQ model: each quantised layer's signal-to-quantisation-noise ratio.
+
+One pass of the float model over held-out feeds gives every quantised layer's float inputs; each input is
+then quantised with the scale and zero point the Q/DQ model chose for it (weights: their stored int8
+values), and the layer's SQNR is that of its inputs together: noise powers relative to signal add up
+through a product, so SQNR = -10 log10(sum over inputs of 10^(-SQNR_i / 10)). This is the noise each
+layer adds by itself, not the noise it inherits from earlier layers, so a layer's figure does not depend
+on which other layers were quantised, and one pass ranks them all.
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from vgrt._lazy import require
+
+QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # those vgrt.calibration.int8 quantises; other readers of a
+# dequantized tensor (Shape, the GroupNorm decomposition) compute nothing quantised themselves
+BIAS_INPUT = 2  # Conv and Gemm: the bias is int32 at the product's scale; its rounding is negligible
+
+
+def layer_sqnr_db(reference: Path, quantised: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """{quantised node name: SQNR in dB} over `feeds`, for every node of `quantised` whose inputs are
+    dequantized; `reference` is the float model it was quantised from (same node and tensor names)."""
+    onnx = require("onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(quantised))
+    made_by = {output: node for node in model.graph.node for output in node.output}
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = {}  # node name -> [(float tensor name or None, dequantized weight or None, scale, zero point, axis)]
+    for node in model.graph.node:
+        inputs = []
+        for index, name in enumerate(node.input):
+            dq = made_by.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or index == BIAS_INPUT:
+                continue
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            scale, zero = constants[dq.input[1]], constants[dq.input[2]]
+            q = made_by.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                inputs.append((q.input[0], None, scale, zero, axis))
+            elif dq.input[0] in constants:
+                inputs.append((dq.input[0].removesuffix("_quantized"), constants[dq.input[0]], scale, zero, axis))
+        if inputs and node.op_type in QUANTISED_OPS:
+            layers[node.name] = inputs
+    floats = _float_values(reference, {name for ins in layers.values() for name, *_ in ins}, feeds)
+    return {name: _combined_sqnr(inputs, floats) for name, inputs in layers.items()}
+
+
+def _float_values(reference: Path, names: set[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """The float model's values of `names` (activations per feed, weights once) over `feeds`."""
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(reference))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    inputs = {i.name for i in model.graph.input}
+    activations = sorted(names - set(weights) - inputs)
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in activations if name not in outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = {name: [w] for name, w in weights.items()}
+    for feed in feeds:
+        for name, value in zip(activations, session.run(activations, feed)):
+            values.setdefault(name, []).append(value)
+        for name in inputs & names:
+            values.setdefault(name, []).append(feed[name])
+    return values
+
+
+def _combined_sqnr(inputs: list[tuple], floats: dict[str, list[np.ndarray]]) -> float:
+    relative_noise = 0.0
+    for name, stored, scale, zero, axis in inputs:
+        for value in floats[name]:
+            value = value.astype(np.float64)
+            approx = (
+                _dequantize(stored, scale, zero, axis) if stored is not None else _fake_quant(value, scale, zero, axis)
+            )
+            signal = float(np.sum(value**2))
+            relative_noise += float(np.sum((approx - value) ** 2)) / max(signal, 1e-30) / len(floats[name])
+    return math.inf if relative_noise == 0 else -10 * math.log10(relative_noise)
+
+
+def _per_axis(array: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A per-tensor (scalar) or per-channel (1-D along `axis`) parameter, shaped to broadcast."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 0:
+        return array
+    shape = [1] * ndim
+    shape[axis % ndim] = array.size
+    return array.reshape(shape)
+
+
+def _dequantize(stored: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
+    return (stored.astype(np.float64) - _per_axis(zero, stored.ndim, axis)) * _per_axis(scale, stored.ndim, axis)
+
+
+def _fake_quant(value: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
+    info = np.iinfo(np.asarray(zero).dtype)
+    s, z = _per_axis(scale, value.ndim, axis), _per_axis(zero, value.ndim, axis)
+    return (np.clip(np.round(value / s) + z, info.min, info.max) - z) * s

@@ -1,0 +1,201 @@
+"""Calibrate an INT8 UNet on a method's own UNet inputs: capture them, quantise, report the quality.
+
+    vgrt calibrate METHOD [that method's compose inputs] --preset P|--weights DIR --out DIR
+
+Without compose arguments the method runs on the example inputs of `vgrt examples`. The captured feeds
+go to a calibration set (--set, default OUT-calibration), which a re-run resumes; --capture-only stops
+after capturing (run it for several methods into one set), --from-set quantises an existing set.
+"""
+
+import argparse
+
+TARGETS = ("cpu", "tensorrt")
+PRECISIONS = ("int8", "fp8")
+NOT_INPUTS = {"steps", "guidance", "seed", "size"}  # request settings every method takes: alone they are no inputs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vgrt.runtime.methods.registry import METHODS
+
+    methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for method in METHODS.values():
+        sub = methods.add_parser(method.name, help=method.summary, description=f"{method.summary}. {__doc__}")
+        inputs = sub.add_argument_group(
+            "the method's inputs, as `vgrt compose` takes them (none given: the example inputs)"
+        )
+        for option in method.options:  # all optional here: absent, the examples stand in
+            settings = {"help": option.help, "type": option.type, "default": None}
+            if option.choices:
+                settings["choices"] = option.choices
+            if option.repeated:
+                settings["action"] = "append"
+            inputs.add_argument(option.flag, **settings)
+        _add_options(sub)
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    from vgrt.calibration import DEFAULT_MAX_SAMPLES, DEFAULT_SQNR_THRESHOLD_DB
+
+    parser.add_argument("--out", help="the INT8 export directory to write (replaced atomically when it is one)")
+    parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
+    parser.add_argument("--weights", help="local diffusers folder with real weights")
+    parser.add_argument("--target", default="cpu", choices=TARGETS, help="default: cpu")
+    parser.add_argument("--precision", default="int8", choices=PRECISIONS, help="default: int8")
+    parser.add_argument("--set", help="calibration set folder (default: OUT-calibration); a re-run resumes it")
+    parser.add_argument("--capture-only", action="store_true", help="capture into --set, do not quantise")
+    parser.add_argument("--from-set", action="store_true", help="quantise from --set as it is, capture nothing")
+    parser.add_argument(
+        "--seeds", default="0,1", help="sampling seeds, one run each; they replace --seed (default: 0,1)"
+    )
+    parser.add_argument("--example-size", type=int, help="side of the example images (default: the preset's native)")
+    parser.add_argument("--calls", default="all", help="UNet calls of each run to keep: all, every:K or 0,5,9")
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=DEFAULT_MAX_SAMPLES,
+        help=f"samples in the set (default: {DEFAULT_MAX_SAMPLES})",
+    )
+    parser.add_argument(
+        "--sqnr-threshold", type=float, default=DEFAULT_SQNR_THRESHOLD_DB,
+        help=f"layers below this SQNR (dB) stay in float (default: {DEFAULT_SQNR_THRESHOLD_DB:g}); 0: none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip the quality report (each run again with fp32, int8 and bf16)"
+    )
+    parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vgrt.calibration.capture import capture
+    from vgrt.calibration.dataset import read_set
+    from vgrt.models.source import ModelSource
+
+    out, calibration_set, calls = _checked(args)
+    source = ModelSource(args.preset, weights=args.weights)
+    runs = []
+    if args.from_set:
+        calibration = read_set(calibration_set)
+    else:
+        runs = _planned_runs(args)
+        calibration = capture(calibration_set, source, runs, calls, args.max_samples, cache=args.cache)
+        print(f"captured {len(calibration)} samples in {calibration_set}")
+        if args.capture_only:
+            return 0
+    features = _features_to_quantise(args.method, calibration)
+    _quantise(args, source, features, calibration, Path(out))
+    if runs and not args.no_report:
+        _report(runs, source, Path(out), args.cache)
+    return 0
+
+
+def _checked(args: argparse.Namespace):
+    """Everything a user can get wrong, refused before any model is built or run."""
+    from pathlib import Path
+
+    from vgrt.calibration.capture import CallSelection
+    from vgrt.checks import check_writable_folder
+    from vgrt.errors import InvalidInputError
+    from vgrt.export.staging import check_replaceable
+    from vgrt.models.presets import get_preset
+
+    if args.target == "tensorrt" or args.precision == "fp8":
+        raise InvalidInputError(
+            f"--target {args.target} --precision {args.precision} is not built yet: TensorRT INT8/FP8 (explicit Q/DQ) "
+            "is planned; use --target cpu --precision int8"
+        )
+    if args.from_set and args.capture_only:
+        raise InvalidInputError(
+            "--from-set and --capture-only exclude each other: the one quantises, the other does not"
+        )
+    if args.out is None and not args.capture_only:
+        raise InvalidInputError(
+            "give --out DIR, the INT8 export to write (or --capture-only --set DIR to only capture)"
+        )
+    if args.set is None and args.out is None:
+        raise InvalidInputError("--capture-only needs --set DIR, the calibration set to capture into")
+    if args.max_samples < 1:
+        raise InvalidInputError(f"--max-samples must be >= 1, got {args.max_samples}")
+    if args.steps is not None and args.steps < 1:
+        raise InvalidInputError(f"--steps must be >= 1, got {args.steps}")
+    get_preset(args.preset)
+    if args.weights and not Path(args.weights).is_dir():
+        raise InvalidInputError(f"--weights {args.weights!r} is not a folder; give a local diffusers model folder")
+    calibration_set = Path(args.set or f"{args.out.rstrip('/')}-calibration")
+    check_writable_folder(calibration_set, "--set")
+    if args.out is not None and not args.capture_only:
+        check_writable_folder(Path(args.out).parent, "--out")
+        check_replaceable(Path(args.out))
+    if args.cache:
+        check_writable_folder(args.cache, "--cache")
+    return args.out, calibration_set, CallSelection.parse(args.calls)
+
+
+def _seeds(text: str) -> list[int]:
+    from vgrt.errors import InvalidInputError
+
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"--seeds {text!r} is not comma-separated whole numbers, e.g. 0,1") from None
+
+
+def _planned_runs(args: argparse.Namespace):
+    """The runs to capture: the method on the inputs given, or on the example inputs when none are."""
+    from vgrt.calibration import DEFAULT_STEPS
+    from vgrt.calibration.capture import example_runs, plan_runs
+    from vgrt.models.presets import get_preset
+    from vgrt.runtime.methods.registry import METHODS
+
+    method, seeds = METHODS[args.method], _seeds(args.seeds)
+    steps = args.steps or DEFAULT_STEPS
+    given = {o.name: getattr(args, o.name) for o in method.options if getattr(args, o.name) is not None}
+    if not set(given) - NOT_INPUTS:
+        return example_runs(method.name, args.preset, args.example_size, steps, seeds)
+    request = method.request({**given, "steps": steps}, get_preset(args.preset))
+    return plan_runs(method.name, method, request, seeds)
+
+
+def _features_to_quantise(method: str, calibration) -> str:
+    """The UNet feature set of the method's runs in the set (the set may hold other methods' runs too)."""
+    from vgrt.errors import InvalidInputError
+
+    features = {run.features for run in calibration.runs.values() if run.method == method}
+    if not features:
+        raise InvalidInputError(
+            f"the calibration set {str(calibration.directory)!r} has no runs of {method}; capture them first"
+        )
+    return features.pop()
+
+
+def _quantise(args: argparse.Namespace, source, features: str, calibration, out) -> None:
+    from vgrt.calibration.int8 import Int8Settings, quantize_export
+    from vgrt.export.cache import cached_export
+    from vgrt.export.exporter import ExportSettings
+
+    settings = ExportSettings(preset=args.preset, components="unet", features=features, weights=args.weights)
+    fp32 = cached_export(settings, args.cache)
+    threshold = args.sqnr_threshold if args.sqnr_threshold > 0 else None
+    out, report = quantize_export(fp32, calibration, out, Int8Settings(sqnr_threshold_db=threshold))
+    worst = min(report.layer_sqnr_db.items(), key=lambda item: item[1])
+    print(f"wrote {out}/manifest.json (int8 UNet, features {features}; opens on onnxruntime and openvino)")
+    print(
+        f"  calibrated on {report.calibration_samples} samples, {report.held_out_samples} held out; "
+        f"{len(report.layer_sqnr_db)} layers quantised, lowest SQNR {worst[1]:.1f} dB ({worst[0]})"
+    )
+    shown = ", ".join(report.float_layers[:6]) + (", ..." if len(report.float_layers) > 6 else "")
+    print(f"  {len(report.float_layers)} kept in float (below {args.sqnr_threshold:g} dB): {shown or 'none'}")
+    print(f"  UNet output relative error vs fp32 on held-out feeds: {report.relative_error:.4f}")
+
+
+def _report(runs, source, out, cache) -> None:
+    """The final latents and images of each captured run with the INT8 UNet, against fp32 and the floor."""
+    from vgrt.calibration.quality import quality_report
+
+    print("quality against fp32 (final latents' relative error, decoded image PSNR):")
+    for q in quality_report(runs, source, out, cache):
+        print(
+            f"  {q.method} seed {q.seed}: int8 {q.int8_latents_error:.4f}, {q.int8_psnr_db:.1f} dB; "
+            f"{q.floor} {q.floor_latents_error:.4f}, {q.floor_psnr_db:.1f} dB"
+        )

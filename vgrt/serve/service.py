@@ -1,0 +1,285 @@
+"""One model served: a Composer, warmed before it takes requests, and the compose route around it.
+
+`ComposeService` knows nothing of Ray: `vgrt.serve.app` wraps it in a Ray Serve deployment, and tests
+call it directly. Per request it parses the body (vgrt.serve.protocol), builds and validates the method's
+request exactly as `vgrt compose` does (a refusal is a 400 with the CLI's message), then composes on the
+service's one compose thread, so a replica runs one composition at a time and the rest wait in order.
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vgrt.engines import default_backend
+from vgrt.errors import InvalidInputError, VgrtError
+from vgrt.serve.protocol import MAX_BODY_BYTES, HttpError, Reply, client_message, parse_inputs
+
+log = logging.getLogger("vgrt.serve")
+
+WARMUPS = ("compose", "open")  # one 2-step request per method, or only open its runners
+THREAD_OPTION = {"onnxruntime": "intra_op_threads", "openvino": "threads"}  # runner option holding the thread count
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What one deployment serves, as `vgrt compose` takes it (--preset, --weights, --backend, --device,
+    --attention, --precision, --cache), and how.
+
+    threads: inference threads of the runners and of torch (0: the libraries choose).
+    methods: the methods served (empty: all of the registry).
+    warmup: 'compose' runs one 2-step request per method at the preset's native size before the
+        service reports ready; 'open' only exports and opens their runners.
+    max_body_bytes: request size limit (413 above it).
+    """
+
+    preset: str = "tiny"
+    weights: str | None = None
+    backend: str = field(default_factory=default_backend)  # as `vgrt compose` chooses when none is named
+    device: str | None = None
+    attention: str | None = None
+    precision: str | None = None
+    cache: str | None = None
+    threads: int = 0
+    methods: tuple[str, ...] = ()
+    warmup: str = "compose"
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    @classmethod
+    def from_mapping(cls, given: Mapping[str, Any]) -> "ServeSettings":
+        """Settings from a Ray Serve config file's `args` (or any mapping); unknown names are refused."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise InvalidInputError(
+                f"unknown serve settings {', '.join(map(repr, unknown))}; they are: {', '.join(names)}"
+            )
+        values = dict(given)
+        if isinstance(values.get("methods"), str):
+            values["methods"] = tuple(name for name in values["methods"].split(",") if name)
+        return cls(**{**values, "methods": tuple(values.get("methods", ()))})
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before anything is exported."""
+        from vgrt.models.presets import get_preset
+        from vgrt.runtime.methods.registry import get_method
+
+        get_preset(self.preset)
+        for name in self.methods:
+            get_method(name)
+        if self.warmup not in WARMUPS:
+            raise InvalidInputError(f"warmup {self.warmup!r} is not one of: {', '.join(WARMUPS)}")
+        for name, value in (("threads", self.threads), ("max_body_bytes", self.max_body_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "threads" else 1):
+                raise InvalidInputError(
+                    f"{name} must be a whole number >= {0 if name == 'threads' else 1}, got {value!r}"
+                )
+        self.composer_options()
+
+    def composer_options(self) -> dict[str, Any]:
+        """The Composer's keyword settings, checked as `vgrt compose` checks --device, --attention and
+        --precision (a device this machine lacks, a backend without TensorRT, bf16 without BF16 units)."""
+        from vgrt.commands.compose import _engine_options, _runner_options
+
+        options = argparse.Namespace(
+            backend=self.backend, device=self.device, attention=self.attention, precision=self.precision
+        )
+        runner_options = _runner_options(options)
+        if self.threads and self.backend in THREAD_OPTION:
+            runner_options[THREAD_OPTION[self.backend]] = self.threads
+        return {"runner_options": runner_options, **_engine_options(options)}
+
+    @property
+    def name(self) -> str:
+        """The deployment's name: model, backend and precision, e.g. 'tiny-onnxruntime-fp32'."""
+        return f"{self.preset}-{self.backend}-{self.precision or 'fp32'}"
+
+
+class ComposeService:
+    """The compose routes of one model. `load()` makes and warms the Composer; `handle` answers requests.
+
+    observe: called with (method name, stage seconds) after each composition (the Ray deployment records
+    them as Prometheus metrics)."""
+
+    def __init__(self, settings: ServeSettings, observe: Callable[[str, dict[str, float]], None] | None = None) -> None:
+        from vgrt.models.presets import get_preset
+        from vgrt.runtime.methods.registry import METHODS, get_method
+
+        settings.check()
+        self.settings = settings
+        self.preset = get_preset(settings.preset)
+        self.methods = {name: get_method(name) for name in settings.methods or METHODS}
+        self.composer = None
+        self.observe = observe
+        self._compose_thread: ThreadPoolExecutor | None = None
+
+    def load(self) -> float:
+        """Export, open and warm every served method's engines; the seconds it took."""
+        import torch
+
+        started = time.perf_counter()
+        self.composer = self._composer()
+        # torch's thread count is per thread: the compose thread takes this one's, so that a composition
+        # gives the pixels `vgrt compose` gives with the same thread count.
+        threads = torch.get_num_threads()
+        self._compose_thread = ThreadPoolExecutor(
+            1, "vgrt-compose", initializer=torch.set_num_threads, initargs=(threads,)
+        )
+        self._compose_thread.submit(self._warm).result()
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        if self._compose_thread is not None:
+            self._compose_thread.shutdown(wait=True)  # the compositions in flight finish first
+        if self.composer is not None:
+            self.composer.close()
+
+    def _composer(self):
+        """The Composer `vgrt compose` would make from the same options."""
+        import torch
+
+        from vgrt.checks import check_writable_folder
+        from vgrt.export.cache import cache_root
+        from vgrt.models.source import ModelSource
+        from vgrt.runtime.composer import Composer
+
+        s = self.settings
+        check_writable_folder(s.cache or cache_root(), "the cache")
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        source = ModelSource(s.preset, weights=s.weights)
+        return Composer(source, s.backend, cache=s.cache, progress=False, **s.composer_options())
+
+    def _warm(self) -> None:
+        if self.settings.warmup == "open":
+            for method in self.methods.values():
+                self.composer.open(*method.components)
+                self.composer.runner("unet", method.features)
+            return
+        from vgrt.runtime.examples import write_examples
+        from vgrt.runtime.methods.registry import Examples, Work
+
+        size = self.preset.profile.latent.opt * self.preset.vae_factor
+        with tempfile.TemporaryDirectory(prefix="vgrt-warmup-") as folder:
+            write_examples(folder, size=size)
+            examples = Examples(Path(folder), size, self.preset)
+            for method in self.methods.values():
+                benchmark = next(iter(method.benchmarks.values()))
+                # 2 steps: the fewest every method takes (AIComposer inverts one and samples the other)
+                request = method.request(benchmark(examples, Work(steps=2, gradient_steps=1)), self.preset)
+                method.compose(self.composer, request)
+
+    async def handle(self, verb: str, path: str, headers: Mapping[str, str], body: bytes, request_id: str) -> Reply:
+        """Answer one HTTP request; never raises (errors become 4xx/5xx replies without server internals)."""
+        started = time.perf_counter()
+        try:
+            reply = await self._route(verb, path, headers, body, request_id)
+        except HttpError as err:
+            reply = Reply.error(err, request_id)
+        except Exception:  # the client gets a 500 without internals; the log has the traceback
+            log.exception("request %s failed", request_id)
+            reply = Reply.error(
+                HttpError(500, f"internal error; the server log has it under request {request_id}"), request_id
+            )
+        log.info(
+            "request %s %s %s -> %d in %.3f s", request_id, verb, path, reply.status, time.perf_counter() - started
+        )
+        return reply
+
+    async def _route(self, verb: str, path: str, headers: Mapping[str, str], body: bytes, request_id: str) -> Reply:
+        parts = [part for part in path.split("/") if part]
+        if parts == ["methods"] and verb == "GET":
+            return Reply.json(200, {"methods": {name: _described(method) for name, method in self.methods.items()}})
+        if len(parts) != 2 or parts[0] != "compose":
+            raise HttpError(
+                404, f"no route {path!r}; POST /compose/<method> (methods: {', '.join(self.methods)}) or GET /methods"
+            )
+        if verb != "POST":
+            raise HttpError(405, f"{path} takes POST, not {verb}")
+        if parts[1] not in self.methods:
+            raise HttpError(404, f"method {parts[1]!r} is not served here; the methods are: {', '.join(self.methods)}")
+        if len(body) > self.settings.max_body_bytes:
+            raise HttpError(
+                413, f"the request body is {len(body)} bytes; this server takes at most {self.settings.max_body_bytes}"
+            )
+        if self.composer is None:
+            raise HttpError(503, "the model is still loading; retry shortly")
+        return await self._compose(self.methods[parts[1]], headers, body, request_id)
+
+    async def _compose(self, method, headers: Mapping[str, str], body: bytes, request_id: str) -> Reply:
+        with tempfile.TemporaryDirectory(prefix="vgrt-request-") as folder:
+            folder = Path(folder)
+            repeated = frozenset(option.name for option in method.options if option.repeated)
+            inputs = parse_inputs(headers.get("content-type", ""), body, folder, repeated)
+            # Checked off the compose thread, so a refusal does not wait behind the compositions queued there.
+            request = await asyncio.to_thread(self._request, method, inputs, folder)
+            loop = asyncio.get_running_loop()
+            # Cancelling this await (client gone, request timeout) cancels the composition if it has not started.
+            png, seconds = await loop.run_in_executor(self._compose_thread, self._run, method, request, folder)
+        timings = {stage: round(value, 4) for stage, value in seconds.items()}
+        log.info("request %s %s composed: %s", request_id, method.name, timings)
+        if self.observe is not None:
+            self.observe(method.name, seconds)
+        if "application/json" in headers.get("accept", ""):
+            image = base64.b64encode(png).decode()
+            return Reply.json(
+                200, {"request_id": request_id, "method": method.name, "timings": timings, "image": image}
+            )
+        return Reply(200, png, {"content-type": "image/png", "x-vgrt-timings": _json(timings)})
+
+    def _request(self, method, inputs: dict[str, Any], folder: Path):
+        """The method's request, checked as `vgrt compose` checks it; a refusal is a 400 with its message."""
+        from vgrt.checks import check_seed
+
+        try:
+            check_seed(method.values(inputs).get("seed", 0), "seed")  # as `vgrt compose` checks --seed
+            return method.request(inputs, self.preset)
+        except InvalidInputError as err:
+            raise HttpError(400, client_message(err, folder)) from None
+
+    def _run(self, method, request, folder: Path) -> tuple[bytes, dict[str, float]]:
+        from vgrt.commands.compose import provenance
+        from vgrt.runtime.images import save_image
+
+        try:
+            result = method.compose(self.composer, request)
+        except InvalidInputError as err:  # a check only the composition can make
+            raise HttpError(400, client_message(err, folder)) from None
+        except VgrtError as err:
+            log.exception("compose failed")
+            raise HttpError(
+                500, f"the composition failed ({type(err).__name__}); the server log has the details"
+            ) from None
+        out = folder / "out.png"
+        save_image(result.image, out, provenance(argparse.Namespace(method=method.name), request, self.composer))
+        return out.read_bytes(), dict(result.times.seconds)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _described(method) -> dict[str, Any]:
+    """A method's inputs, for GET /methods."""
+    from vgrt.serve.protocol import FILE_INPUTS
+
+    return {
+        "summary": method.summary,
+        "inputs": {
+            option.name: {
+                "help": option.help, "kind": "file" if option.name in FILE_INPUTS else option.type.__name__,
+                "required": option.required, "repeated": option.repeated, "default": option.default,
+                **({"choices": list(option.choices)} if option.choices else {}),
+                **({"one_of": option.one_of} if option.one_of else {}),
+            }
+            for option in method.options
+        },
+    }  # fmt: skip
