@@ -19,6 +19,15 @@ def test_compose_writes_an_image(examples, tmp_path, composer_cache, capsys):
     assert "random" in capsys.readouterr().out
 
 
+def test_the_default_backend_is_openvino_where_installed(monkeypatch):
+    from vgrt.engines import default_backend
+
+    assert default_backend() == "openvino"  # vgrt[cpu] installs it
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else real_find_spec(name))
+    assert default_backend() == "onnxruntime"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -109,15 +118,6 @@ def no_work(monkeypatch):
         (["--device", "gpu"], "unknown device 'gpu'; give 'cpu', 'cuda' or 'cuda:N'"),
     ],
 )
-def test_the_default_backend_is_openvino_where_installed(monkeypatch):
-    from vgrt.engines import default_backend
-
-    assert default_backend() == "openvino"  # vgrt[cpu] installs it
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else real_find_spec(name))
-    assert default_backend() == "onnxruntime"
-
-
 def test_engine_options_the_backend_cannot_take_are_refused_first(examples, tmp_path, capsys, no_work, extra, message):
     assert main(mca_ctrl_args(examples, tmp_path / "out.png", *extra)) == 2
     assert message in capsys.readouterr().err
