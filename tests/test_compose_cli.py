@@ -114,7 +114,14 @@ def no_work(monkeypatch):
             "--attention native is a tensorrt option, and the backend is onnxruntime; add ",
         ),
         (["--backend", "torch", "--attention", "plugin"], "--attention plugin is a tensorrt option, and the backend"),
-        (["--backend", "tensorrt", "--precision", "bf16"], "--precision bf16 is an openvino option, and the backend "),
+        (
+            ["--backend", "tensorrt", "--precision", "bf16"],
+            "--precision bf16 does not run on the tensorrt backend; it runs on: openvino",
+        ),
+        (
+            ["--backend", "onnxruntime", "--precision", "int8"],
+            "--precision int8 runs an export calibrated by `vgrt calibrate`",
+        ),
         (["--device", "gpu"], "unknown device 'gpu'; give 'cpu', 'cuda' or 'cuda:N'"),
     ],
 )
@@ -148,6 +155,8 @@ def test_tensorrt_without_tensorrt_names_what_to_install(examples, tmp_path, cap
 def test_the_light_option_lists_match_the_engines():
     from vgrt.commands import compose
     from vgrt.engines.engine_set import ATTENTION_ROUTES
-    from vgrt.engines.openvino_runner import PRECISIONS
+    from vgrt.engines.openvino_runner import PRECISIONS as OPENVINO_PRECISIONS
+    from vgrt.precision import BACKENDS_OF
 
-    assert compose.ATTENTION_ROUTES == ATTENTION_ROUTES and compose.OPENVINO_PRECISIONS == tuple(PRECISIONS)
+    assert compose.ATTENTION_ROUTES == ATTENTION_ROUTES
+    assert {p for p, backends in BACKENDS_OF.items() if "openvino" in backends} - {"int8"} == set(OPENVINO_PRECISIONS)

@@ -250,8 +250,8 @@ def test_written_images_record_how_they_were_made(examples, tmp_path, composer_c
     )
     text = Image.open(out).text
     assert text["Software"] == f"vgrt {__version__}" and text["vgrt.version"] == __version__
-    assert {k: text[f"vgrt.{k}"] for k in ("method", "seed", "steps", "backend", "dtype", "preset")} == {
-        "method": "mca-ctrl", "seed": "7", "steps": "2", "backend": "torch", "dtype": "fp32", "preset": "tiny",
+    assert {k: text[f"vgrt.{k}"] for k in ("method", "seed", "steps", "backend", "precision", "preset")} == {
+        "method": "mca-ctrl", "seed": "7", "steps": "2", "backend": "torch", "precision": "fp32", "preset": "tiny",
     }  # fmt: skip
     assert text["vgrt.guidance_scale"] == "7.5" and text["vgrt.weights"] == "random, seed 0"
 

@@ -50,7 +50,7 @@ def test_triton_needs_a_gpu(capsys, tmp_path):
         (("attention", "--features", "all"), "the attention suite does not take --features"),
         (("unet", "--preset", "sd16"), "unknown preset 'sd16'; choose one of: tiny, sd15, sd21, sdxl"),
         (("unet", "--features", "colour"), "unknown feature(s) 'colour'"),
-        (("unet", "--dtype", "int8"), "unknown dtype(s) 'int8'; choose from: fp32, fp16"),
+        (("unet", "--precision", "int8"), "unknown --precision 'int8'; choose from: fp32, fp16"),
         (("unet", "--batch", "two"), "--batch takes comma-separated whole numbers"),
         (("unet", "--latent", "60"), "--latent 60 does not fit sd15: latents are multiples of 8 in [32, 128]"),
         (("unet", "--repeats", "0"), "--warmup and --repeats must be >= 1"),

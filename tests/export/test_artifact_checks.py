@@ -45,15 +45,17 @@ def test_damaged_onnx_is_refused_by_name(unet_copy, damage, reason):
 
 
 def test_external_weights_are_covered(tmp_path, monkeypatch):
-    monkeypatch.setattr(exporter, "PROTOBUF_LIMIT", 0)  # every model "too large": weights go to .onnx.data
+    monkeypatch.setattr(exporter, "PROTOBUF_LIMIT", 0)  # every model "too large": each tensor in a <sha256>.bin file
     directory = export(tmp_path / "aligner", ExportSettings(preset="tiny", components="aligner"))
     files = read_manifest(directory).component("aligner").files
-    assert set(files) == {"aligner.onnx", "aligner.onnx.data"}
-    assert files["aligner.onnx.data"]["bytes"] == (directory / "aligner.onnx.data").stat().st_size
+    weights = sorted(name for name in files if name != "aligner.onnx")
+    assert weights and all(name == f"{files[name]['sha256']}.bin" for name in weights)
+    assert set(weights) == {p.name for p in directory.glob("*.bin")}
+    assert files[weights[0]]["bytes"] == (directory / weights[0]).stat().st_size
     with open_runner(directory, "aligner") as runner:
         assert runner.infer(example_feed(directory, "aligner"))
-    flip_bytes(directory / "aligner.onnx.data", count=8)
-    with pytest.raises(ArtifactError, match="aligner.onnx.data' changed since it was exported"):
+    flip_bytes(directory / weights[0], count=8)
+    with pytest.raises(ArtifactError, match=f"{weights[0]}' changed since it was exported"):
         open_runner(directory, "aligner")
 
 

@@ -363,4 +363,6 @@ def test_aot_ptx_takes_exactly_the_arguments_tensorrt_passes(aot_kernels, varian
 
 
 def test_aot_refuses_a_kernel_over_the_shared_memory_an_aot_launch_gets(aot_kernels):
-    assert "shared memory" in aot_kernels["fp32-160"]["error"] and "--dtype fp16" in aot_kernels["fp32-160"]["error"]
+    assert (
+        "shared memory" in aot_kernels["fp32-160"]["error"] and "--precision fp16" in aot_kernels["fp32-160"]["error"]
+    )

@@ -28,7 +28,10 @@ def test_config_args_become_one_named_deployment_with_its_scaling():
         ({"replicas": 0}, "replicas must be a whole number >= 1, got 0"),
         ({"replicas": 3, "max_replicas": 2}, "max_replicas 2 is below replicas 3"),
         ({"preset": "huge"}, "huge"),
-        ({"backend": "onnxruntime", "precision": "bf16"}, "--precision bf16 is an openvino option"),
+        (
+            {"backend": "onnxruntime", "precision": "bf16"},
+            "--precision bf16 does not run on the onnxruntime backend; it runs on: openvino",
+        ),
     ],
 )
 def test_bad_config_args_are_refused_before_ray_starts(args, message):

@@ -67,7 +67,7 @@ def test_serve_config_binds_explicitly_and_builds_vgrt_apps(serve_config):
         scaling.check()
         assert "autoscaling_config" in scaling.deployment_options()
         settings = ServeSettings.from_mapping({k: v for k, v in args.items() if k not in scaling_names})
-        assert settings.name == "sd15-tensorrt-fp32"  # the deployment name config overrides refer to
+        assert settings.name == "sd15-tensorrt-fp16"  # the deployment name config overrides refer to
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray[serve] for its config schema")

@@ -99,7 +99,10 @@ def test_failures_are_500_without_internals_and_the_service_keeps_serving(servic
         ({"warmup": "later"}, "warmup 'later' is not one of: compose, open"),
         ({"threads": -1}, "threads must be a whole number >= 0, got -1"),
         ({"attention": "native"}, "--attention native is a tensorrt option"),
-        ({"backend": "onnxruntime", "precision": "bf16"}, "--precision bf16 is an openvino option"),
+        (
+            {"backend": "onnxruntime", "precision": "bf16"},
+            "--precision bf16 does not run on the onnxruntime backend; it runs on: openvino",
+        ),
     ],
 )
 def test_settings_are_refused_before_any_export(settings, message):

@@ -12,7 +12,7 @@ DTYPES = ("fp32", "fp16")
 # Option names as the CLI spells them, for messages about options a suite does not take.
 _FLAGS = {
     "presets": "--preset", "batches": "--batch", "latents": "--latent", "features": "--features",
-    "dtypes": "--dtype", "backends": "--backends", "export_dir": "--export-dir", "methods": "--methods",
+    "dtypes": "--precision", "backends": "--backends", "export_dir": "--export-dir", "methods": "--methods",
     "steps": "--steps", "gradient_steps": "--gradient-steps",
 }  # fmt: skip
 COMPOSE_STEPS, QUICK_COMPOSE_STEPS = 20, 3
@@ -151,7 +151,10 @@ def _default_presets(suite: str, quick: bool) -> tuple[str, ...]:
 def _check_models(settings: BenchSettings) -> None:
     unknown = [d for d in settings.dtypes if d not in DTYPES]
     if unknown:
-        raise InvalidInputError(f"unknown dtype(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(DTYPES)}")
+        raise InvalidInputError(
+            f"unknown --precision {', '.join(map(repr, unknown))}; choose from: {', '.join(DTYPES)} (bf16 is timed "
+            "as the competitors torch-bf16 and openvino-bf16)"
+        )
     for name in settings.presets:
         preset = get_preset(name)
         for batch in settings.batches:
@@ -179,13 +182,13 @@ def _from_export(
     found = {
         "--preset": (manifest.data["preset"],),
         "--features": (features_text(frozenset(manifest.component("unet").features)),),
-        "--dtype": (manifest.data["settings"]["dtype"],),
+        "--precision": (manifest.data["settings"]["dtype"],),
     }
-    asked = {"--preset": presets, "--features": features, "--dtype": dtypes}
+    asked = {"--preset": presets, "--features": features, "--precision": dtypes}
     for flag, value in asked.items():
         if value is not None and tuple(value) != found[flag]:
             raise InvalidInputError(
                 f"{flag} {','.join(value)} disagrees with --export-dir {directory!r}, which holds {found[flag][0]}; "
                 f"drop {flag} or export again"
             )
-    return found["--preset"], found["--features"], found["--dtype"]
+    return found["--preset"], found["--features"], found["--precision"]

@@ -94,7 +94,7 @@ def quantize_export(
     if manifest.data["settings"]["dtype"] != "fp32" or manifest.data.get("precision", "fp32") != "fp32":
         raise InvalidInputError(
             f"{str(export_dir)!r} is a {manifest.data.get('precision', manifest.data['settings']['dtype'])} export; "
-            "INT8 is calibrated from an fp32 export: export with --dtype fp32"
+            "INT8 is calibrated from an fp32 export: export with --precision fp32"
         )
     calibration = calibration if isinstance(calibration, CalibrationSet) else read_set(calibration)
     calib, held = split_feeds(calibration, {t.name for t in entry.spec.inputs}, settings.held_out)

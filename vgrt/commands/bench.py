@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="feature set, as for `vgrt export --features`; repeat for several (default: none)",
     )
-    parser.add_argument("--dtype", help="comma-separated precisions: fp32, fp16 (default: fp32)")
+    parser.add_argument(
+        "--precision", help="comma-separated export precisions: fp32, fp16 (default: fp32); bf16 engines are "
+        "competitors of their own (torch-bf16, openvino-bf16)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, help="untimed calls per competitor first (default: 1)")
     parser.add_argument("--repeats", type=int, help="timed calls per competitor (default: 5, 2 with --quick)")
     parser.add_argument(
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         batches=_sizes(args.batch, "--batch"),
         latents=_sizes(args.latent, "--latent"),
         features=None if args.features is None else tuple(args.features),
-        dtypes=_names(args.dtype),
+        dtypes=_names(args.precision),
         warmup=args.warmup,
         repeats=args.repeats,
         threads=args.threads,

@@ -3,9 +3,9 @@
 import argparse
 
 from vgrt.engines import BACKENDS
+from vgrt.precision import PRECISIONS
 from vgrt.runtime.methods.registry import METHODS, Method
 
-OPENVINO_PRECISIONS = ("fp32", "bf16")  # vgrt.engines.openvino_runner.PRECISIONS, without importing OpenVINO here
 ATTENTION_ROUTES = ("plugin", "native")  # vgrt.engines.engine_set.ATTENTION_ROUTES, without importing torch here
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -53,8 +53,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         "attention (default: plugin)",
     )  # fmt: skip
     parser.add_argument(
-        "--precision", choices=OPENVINO_PRECISIONS,
-        help="openvino only: the CPU plugin's arithmetic (default: fp32; bf16 needs a CPU with BF16 units)",
+        "--precision", choices=PRECISIONS,
+        help="the engines' arithmetic (default: fp16 on tensorrt, else fp32); bf16 runs on openvino on CPUs with "
+        "BF16 units (vgrt.precision says which backend runs which)",
     )  # fmt: skip
     parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
     parser.add_argument(
@@ -77,13 +78,12 @@ def run(args: argparse.Namespace) -> int:
     args.backend = args.backend or default_backend()
     check_writable_folder(args.cache or cache_root(), "--cache" if args.cache else "the cache (--cache or $VGRT_CACHE)")
     check_seed(args.seed, "--seed")
-    runner_options = _runner_options(args)
-    engine = _engine_options(args)
+    options = composer_options(args.backend, args.device, args.attention, args.precision)
     preset = get_preset(args.preset)
     method = METHODS[args.method]
     request = method.request({option.name: getattr(args, option.name) for option in method.options}, preset)
     source = ModelSource(args.preset, weights=args.weights)  # --seed is the sampling seed, not the weights'
-    with Composer(source, args.backend, cache=args.cache, runner_options=runner_options, **engine) as composer:
+    with Composer(source, args.backend, cache=args.cache, **options) as composer:
         result = method.compose(composer, request)
         record = provenance(args, request, composer)
     save_image(result.image, out, record)
@@ -94,39 +94,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_options(args: argparse.Namespace) -> dict[str, str]:
-    """The Composer's device and attention route from --device and --attention; refused where the backend
-    cannot take them, where this machine lacks the device, or the tensorrt backend lacks TensorRT."""
+def composer_options(backend: str, device: str | None, attention: str | None, precision: str | None) -> dict:
+    """The Composer's keyword settings for --backend, --device, --attention and --precision, refused where
+    the backend cannot take them, where this machine lacks the device (or the tensorrt backend lacks
+    TensorRT), or bf16 on a CPU without BF16 units: all before any export."""
     from vgrt.engines.engine_set import check_backend_device, parse_device
     from vgrt.errors import InvalidInputError
+    from vgrt.precision import check_precision, default_precision, export_dtype
 
-    if args.attention is not None and args.backend != "tensorrt":
+    if attention is not None and backend != "tensorrt":
         raise InvalidInputError(
-            f"--attention {args.attention} is a tensorrt option, and the backend is {args.backend}; "
+            f"--attention {attention} is a tensorrt option, and the backend is {backend}; "
             "add --backend tensorrt, or leave --attention out"
         )
-    device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
-    check_backend_device(args.backend, parse_device(device))
-    return {"device": device, "attention": args.attention or ATTENTION_ROUTES[0]}
-
-
-def _runner_options(args: argparse.Namespace) -> dict[str, str]:
-    """The runner settings --precision gives; refused on backends without it, and bf16 on a CPU without
-    BF16 units, before any export."""
-    from vgrt.errors import InvalidInputError
-
-    if args.precision is None:
-        return {}
-    if args.backend != "openvino":
+    precision = precision or default_precision(backend)
+    check_precision(precision, backend)
+    if precision in ("int8", "fp8"):
         raise InvalidInputError(
-            f"--precision {args.precision} is an openvino option, and the backend is {args.backend}; "
-            "add --backend openvino, or leave --precision out"
+            f"--precision {precision} runs an export calibrated by `vgrt calibrate`, which vgrt compose does not "
+            "open yet: run it with Composer.from_exports(ENCODERS_DIR, CALIBRATED_DIR) in Python"
         )
-    from vgrt._lazy import require
-    from vgrt.engines.openvino_runner import check_precision
+    device = device or ("cuda" if backend == "tensorrt" else "cpu")
+    check_backend_device(backend, parse_device(device))
+    runner_options = {}
+    if backend == "openvino":
+        from vgrt._lazy import require
+        from vgrt.engines.openvino_runner import check_precision as check_cpu_supports
 
-    check_precision(require("openvino").Core(), args.precision)
-    return {"precision": args.precision}
+        check_cpu_supports(require("openvino").Core(), precision)
+        runner_options["precision"] = precision
+    return {
+        "device": device, "attention": attention or ATTENTION_ROUTES[0], "dtype": export_dtype(precision),
+        "runner_options": runner_options,
+    }  # fmt: skip
 
 
 def provenance(args: argparse.Namespace, request, composer) -> dict[str, str]:
@@ -144,12 +144,10 @@ def provenance(args: argparse.Namespace, request, composer) -> dict[str, str]:
         "vgrt.guidance_scale": str(request.guidance_scale),
         "vgrt.backend": composer.backend,
         "vgrt.device": str(composer.device),
-        "vgrt.dtype": composer.dtype,
+        "vgrt.precision": composer.runner_options.get("precision", composer.dtype),
         "vgrt.preset": source.preset,
         "vgrt.weights": str(Path(source.weights).resolve()) if source.weights else f"random, seed {source.seed}",
     }
-    if composer.backend == "openvino":
-        record["vgrt.precision"] = composer.runner_options.get("precision", "fp32")
     if composer.backend == "tensorrt":
         record["vgrt.attention"] = composer.attention
     if hasattr(request, "seed"):  # AIComposer starts from an inversion, not from seeded noise

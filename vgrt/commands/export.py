@@ -2,6 +2,8 @@
 
 import argparse
 
+from vgrt.precision import PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vgrt.models.features import FEATURES
@@ -19,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "anything else is refused",
     )  # fmt: skip
     parser.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 18 (default: 23)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument(
+        "--precision", default="fp32", choices=PRECISIONS,
+        help="the engines' arithmetic this export is for: fp32 (default), fp16 (an fp16 graph), bf16 (the fp32 graph, "
+        "which openvino runs in bf16); int8 and fp8 come from `vgrt calibrate`",
+    )  # fmt: skip
     parser.add_argument(
         "--attention", default="custom", dest="attention_form", choices=("custom", "attention", "decomposed"),
         help="form of masked attention: vgrt::MaskedAttention node (default), ONNX Attention op, or MatMul/Softmax",
@@ -32,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vgrt.export.exporter import ExportSettings, export
     from vgrt.export.manifest import read_manifest
+    from vgrt.precision import export_dtype
 
     settings = ExportSettings(
-        preset=args.preset, components=args.components, features=args.features, opset=args.opset, dtype=args.dtype,
+        preset=args.preset, components=args.components, features=args.features, opset=args.opset,
+        dtype=export_dtype(args.precision),
         attention_form=args.attention_form, seed=args.seed, weights=args.weights, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     settings.validate()

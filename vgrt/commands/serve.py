@@ -10,8 +10,9 @@ import argparse
 import signal
 import threading
 
-from vgrt.commands.compose import ATTENTION_ROUTES, OPENVINO_PRECISIONS
+from vgrt.commands.compose import ATTENTION_ROUTES
 from vgrt.engines import BACKENDS
+from vgrt.precision import PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for tensorrt, else cpu)")
     model.add_argument("--attention", choices=ATTENTION_ROUTES, help="tensorrt only (default: plugin)")
-    model.add_argument("--precision", choices=OPENVINO_PRECISIONS, help="openvino only (default: fp32)")
+    model.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="the engines' arithmetic, as vgrt compose (default: fp16 on tensorrt, else fp32)",
+    )
     model.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
     model.add_argument("--threads", type=int, default=0, help="inference threads per replica (default 0: all cores)")
     model.add_argument("--methods", default="", help="comma-separated methods to serve (default: all)")

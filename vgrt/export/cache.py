@@ -9,7 +9,8 @@ entry has a lock (vgrt.export.staging): a process that needs an entry another on
 it and reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
 damaged one is reported in one line and exported again, and what a killed export left is removed. Each
 reuse renews the entry's modification time, which `vgrt cache` reads as its last use
-(vgrt.export.cache_entries).
+(vgrt.export.cache_entries). Entries share their common weight files, hard-linked from one store in the
+cache (vgrt.export.blobs).
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ from pathlib import Path
 from vgrt._lazy import is_available
 from vgrt.errors import ArtifactError, InvalidInputError
 from vgrt.export import group_norm
+from vgrt.export.blobs import STORE, share_weights
 from vgrt.export.exporter import ExportSettings, write_export
 from vgrt.export.manifest import read_manifest
 from vgrt.export.staging import clean_interrupted, describe_os_error, discard_directory, sweep_interrupted, target_lock
@@ -108,7 +110,9 @@ def _reuse_or_export(directory: Path, settings: ExportSettings) -> Path:
     else:
         log.info("exporting %s into the cache (first use; reused after)", settings.components)
         sweep_interrupted(directory.parent)  # other entries' leftovers, once per new entry
-    return write_export(directory, settings)
+    write_export(directory, settings)
+    share_weights(directory, directory.parent / STORE)  # under the entry's lock: nobody reads it meanwhile
+    return directory
 
 
 def mark_used(directory: Path) -> None:

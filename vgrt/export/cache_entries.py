@@ -3,9 +3,11 @@
 An entry is a folder `<preset>-<key>` with a vgrt manifest (vgrt.export.cache); its last use is its
 modification time, which every reuse renews. Its size counts the files beside the export that vgrt
 wrote there too (TensorRT engines, OpenVINO's compiled models), each file once however many hard links
-it has. Pruning removes an entry only when it holds nothing but what vgrt wrote
-(vgrt.export.staging.check_replaceable) and no process is exporting it now; it is moved aside first,
-so an interrupted prune leaves no half-deleted entry.
+it has: weight files that entries share (vgrt.export.blobs) count in the most recently used entry only,
+so the sizes of the entries add up to what the cache holds. Pruning removes an entry only when it holds
+nothing but what vgrt wrote (vgrt.export.staging.check_replaceable) and no process is exporting it now;
+it is moved aside first, so an interrupted prune leaves no half-deleted entry; then the shared weight
+files that no entry links any more are removed.
 """
 
 import json
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vgrt.errors import InvalidInputError
+from vgrt.export.blobs import STORE, prune_orphans
 from vgrt.export.manifest import MANIFEST
 from vgrt.export.staging import check_replaceable, discard_directory, target_lock
 
@@ -40,14 +43,24 @@ class CacheEntry:
 
 
 def list_entries(root: Path) -> list[CacheEntry]:
-    """The cache's entries, most recently used first; folders that are not vgrt entries are left out."""
+    """The cache's entries, most recently used first; folders that are not vgrt entries are left out. A file
+    that several entries link counts in the first of them only."""
     if not root.is_dir():
         return []
-    found = (_read_entry(path) for path in root.iterdir() if ENTRY_NAME.fullmatch(path.name) and path.is_dir())
-    return sorted((entry for entry in found if entry is not None), key=lambda e: e.last_use, reverse=True)
+    paths = [path for path in root.iterdir() if ENTRY_NAME.fullmatch(path.name) and path.is_dir()]
+    seen: set[tuple[int, int]] = set()
+    found = (_read_entry(path, seen) for path in sorted(paths, key=_last_use, reverse=True))
+    return [entry for entry in found if entry is not None]
 
 
-def _read_entry(path: Path) -> CacheEntry | None:
+def _last_use(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _read_entry(path: Path, seen: set[tuple[int, int]]) -> CacheEntry | None:
     try:
         data = json.loads((path / MANIFEST).read_text())
         components = data["components"]
@@ -63,14 +76,15 @@ def _read_entry(path: Path) -> CacheEntry | None:
         tuple(components),
         features,
         dtype,
-        folder_bytes(path),
+        folder_bytes(path, seen),
         path.stat().st_mtime,
     )
 
 
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under `path`, a file with several hard links counted once."""
-    seen, total = set(), 0
+def folder_bytes(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes of the files under `path`, a file with several hard links counted once; files in `seen`
+    (device, inode) are not counted, and the ones counted are added to it."""
+    seen, total = set() if seen is None else seen, 0
     for folder, _, files in os.walk(path):
         for name in files:
             stat = os.lstat(os.path.join(folder, name))
@@ -104,7 +118,8 @@ def entries_to_prune(
 
 
 def prune(entries: Iterable[CacheEntry]) -> list[tuple[CacheEntry, str | None]]:
-    """Remove each entry; (entry, None) when removed, (entry, why it was kept) when not."""
+    """Remove each entry, then the shared weight files no entry links any more; (entry, None) when removed,
+    (entry, why it was kept) when not."""
     done = []
     for entry in entries:
         with target_lock(entry.path, wait=False) as locked:
@@ -118,6 +133,8 @@ def prune(entries: Iterable[CacheEntry]) -> list[tuple[CacheEntry, str | None]]:
                 continue
             discard_directory(entry.path)
             done.append((entry, None))
+    for root in {entry.path.parent for entry, reason in done if reason is None}:
+        prune_orphans(root / STORE)
     return done
 
 

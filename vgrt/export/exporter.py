@@ -7,6 +7,7 @@ form, keep the fp16 overflow spots in fp32, compute GroupNormalization in a stab
 manifest last (vgrt.export.staging).
 """
 
+import hashlib
 import logging
 import platform
 import time
@@ -22,6 +23,7 @@ import vgrt
 from vgrt._lazy import require
 from vgrt.errors import InvalidInputError
 from vgrt.export.attention_forms import ATTENTION_FORMS, apply_attention_form, count_custom_nodes
+from vgrt.export.blobs import blob_name
 from vgrt.export.components import build_component, parse_components
 from vgrt.export.fp16 import keep_ops_in_fp32
 from vgrt.export.group_norm import decompose_group_norms
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16)}
 MIN_OPSET = 18  # the dynamo exporter's opset-17 output fails the ONNX checker
 PROTOBUF_LIMIT = 2**31 - 1
+WEIGHT_FILE_MIN_BYTES = 1024  # smaller tensors of a large model stay in its graph file
 
 
 @dataclass(frozen=True)
@@ -212,8 +215,7 @@ def _export_component(
         masked_nodes = count_custom_nodes(model)
         fp32_ops = _apply_graph_passes(model, settings)
         path = staging / f"{name}.onnx"
-        _save(model, path)
-    stamps = {p.name: stamp_file(p) for p in (path, _external_data_path(path)) if p.is_file()}
+        stamps = _save(model, path)
     return {
         "file": path.name,
         "spec": spec_json,
@@ -249,16 +251,38 @@ def _apply_graph_passes(model: onnx.ModelProto, settings: ExportSettings) -> lis
     return fp32_ops
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
+def _save(model: onnx.ModelProto, path: Path) -> dict[str, FileStamp]:
+    """Save `model` to `path`; return the stamps of the files written. A model too large for one protobuf
+    (SD UNets, text encoders) keeps each tensor of WEIGHT_FILE_MIN_BYTES or more in its own file named by
+    its sha256, so that exports holding the same tensors (the UNet's feature sets, whose folded constants
+    get other names per export) hold the same files, which the export cache stores once (vgrt.export.blobs)."""
     large = sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT // 2
-    onnx.save_model(
-        model, path, save_as_external_data=large, all_tensors_to_one_file=True, location=_external_data_path(path).name
-    )
+    stamps = _move_weights_to_files(model, path.parent) if large else {}
+    onnx.save_model(model, path)
+    return {path.name: stamp_file(path), **stamps}
 
 
-def _external_data_path(path: Path) -> Path:
-    """Where `_save` puts the weights of a model too large for one protobuf (SD UNets, text encoders)."""
-    return path.with_name(path.name + ".data")
+def _move_weights_to_files(model: onnx.ModelProto, folder: Path) -> dict[str, FileStamp]:
+    """Write each large initializer's bytes to `folder/<sha256>.bin` (once per content) and point the
+    initializer at it; return the stamps of the files written (hashed here, not read back)."""
+    stamps = {}
+    for tensor in model.graph.initializer:
+        data = tensor.raw_data
+        if len(data) < WEIGHT_FILE_MIN_BYTES:
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        name = blob_name(sha256)
+        if name not in stamps:
+            file = folder / name
+            file.write_bytes(data)
+            stat = file.stat()
+            stamps[name] = FileStamp(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, sha256)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        tensor.external_data.add(key="location", value=name)
+        tensor.external_data.add(key="length", value=str(len(data)))
+    return stamps
 
 
 def _versions() -> dict[str, str]:

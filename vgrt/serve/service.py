@@ -87,20 +87,19 @@ class ServeSettings:
     def composer_options(self) -> dict[str, Any]:
         """The Composer's keyword settings, checked as `vgrt compose` checks --device, --attention and
         --precision (a device this machine lacks, a backend without TensorRT, bf16 without BF16 units)."""
-        from vgrt.commands.compose import _engine_options, _runner_options
+        from vgrt.commands.compose import composer_options
 
-        options = argparse.Namespace(
-            backend=self.backend, device=self.device, attention=self.attention, precision=self.precision
-        )
-        runner_options = _runner_options(options)
+        options = composer_options(self.backend, self.device, self.attention, self.precision)
         if self.threads and self.backend in THREAD_OPTION:
-            runner_options[THREAD_OPTION[self.backend]] = self.threads
-        return {"runner_options": runner_options, **_engine_options(options)}
+            options["runner_options"][THREAD_OPTION[self.backend]] = self.threads
+        return options
 
     @property
     def name(self) -> str:
         """The deployment's name: model, backend and precision, e.g. 'tiny-onnxruntime-fp32'."""
-        return f"{self.preset}-{self.backend}-{self.precision or 'fp32'}"
+        from vgrt.precision import default_precision
+
+        return f"{self.preset}-{self.backend}-{self.precision or default_precision(self.backend)}"
 
 
 class ComposeService:

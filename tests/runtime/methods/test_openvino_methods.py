@@ -75,5 +75,5 @@ def test_compose_cli_writes_an_openvino_image(tmp_path, examples, composer_cache
 def test_compose_cli_refuses_precision_on_other_backends(tmp_path, examples, composer_cache, capsys):
     out = tmp_path / "refused.png"
     assert main([*locref_args(examples, out, composer_cache), "--backend", "torch", "--precision", "bf16"]) == 2
-    assert "--precision bf16 is an openvino option, and the backend is torch" in capsys.readouterr().err
+    assert "--precision bf16 does not run on the torch backend; it runs on: openvino" in capsys.readouterr().err
     assert not out.exists()

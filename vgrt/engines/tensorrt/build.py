@@ -131,7 +131,7 @@ def build_engine(
     manifest = read_manifest(directory)
     entry = manifest.component(settings.component)
     if manifest.data["settings"]["dtype"] != "fp16":
-        log.warning("%s is exported in %s, so its engine will be too; export with --dtype fp16 for an fp16 engine",
+        log.warning("%s is exported in %s, so its engine will be too; export with --precision fp16 for an fp16 engine",
                     entry.name, manifest.data["settings"]["dtype"])  # fmt: skip
     manifest.path(entry)  # the key names the ONNX by its hash: every file it reads must be the exported one
     key = engine_key(manifest, entry, settings, trt.__version__, current_gpu())

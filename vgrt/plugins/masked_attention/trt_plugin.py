@@ -244,7 +244,7 @@ def compile_plugin_kernel(config: KernelConfig, target=None) -> CompiledKernel:
         raise VgrtError(
             f"the MaskedAttention AOT kernel for {config.dtype} head size {config.head_dim} needs "
             f"{metadata.shared} bytes of shared memory, over the {SHARED_MEMORY_LIMIT} an AOT launch gets; "
-            "export the model with --dtype fp16 or build with the JIT plugin"
+            "export the model with --precision fp16 or build with the JIT plugin"
         )
     launch_arguments = len(MASKED_ATTENTION.inputs) + len(SCALARS) + len(MASKED_ATTENTION.outputs)
     ptx = trim_entry_parameters(compiled.asm["ptx"], metadata.name, launch_arguments)

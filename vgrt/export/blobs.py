@@ -1,0 +1,105 @@
+"""One copy on disk of the weights that cache entries share (the UNet's feature sets hold the same tensors).
+
+A large export keeps each weight tensor in a file named by its sha256, `<sha256>.bin` beside the ONNX
+(vgrt.export.exporter). After the cache writes an entry, `share_weights` hard-links each such file with
+the store `<cache root>/blobs`: the entry's file joins the store when the store lacks it, and is replaced
+by a link to the stored copy when the store has it (that copy's hash checked first), so every entry
+holding a tensor links one file. A stored file that no entry links any more has one link left, and
+`prune_orphans` removes it. Hard links need one file system: where linking fails, the entry keeps its
+own copy. Not symbolic links: ONNX Runtime and OpenVINO refuse weights outside the model's folder.
+"""
+
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+
+from vgrt.export.staging import describe_os_error
+from vgrt.export.verify import FileStamp, file_sha256, remember
+
+log = logging.getLogger(__name__)
+
+STORE = "blobs"
+BLOB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.bin")
+
+
+def blob_name(sha256: str) -> str:
+    return f"{sha256}.bin"
+
+
+def share_weights(entry: Path, store: Path) -> int:
+    """Link the content-named weight files of the export `entry` with `store`; return how many it shares.
+    Call it holding the entry's lock. Where links cannot be made, the entry keeps its copies (logged once)."""
+    names = sorted(name for name in os.listdir(entry) if BLOB_NAME.fullmatch(name))
+    if not names:
+        return 0  # a small export keeps its weights in its graph file
+    shared = 0
+    try:
+        store.mkdir(exist_ok=True)
+        for name in names:
+            _share(entry / name, store / name)
+            shared += 1
+    except OSError as err:
+        log.warning(
+            "cannot hard-link the weights of %s with %s (%s; another file system?): the entry keeps its own copy",
+            entry,
+            store,
+            describe_os_error(err),
+        )
+    _remember_linked(entry, names[:shared])
+    return shared
+
+
+def _share(file: Path, stored: Path) -> None:
+    try:
+        os.link(file, stored)  # the store lacks it: the entry's copy joins the store
+        return
+    except FileExistsError:
+        pass
+    if os.path.samestat(file.stat(), stored.stat()):
+        return
+    if file_sha256(stored) != BLOB_NAME.fullmatch(stored.name)["sha256"]:
+        log.warning("%s is damaged; replacing it with the copy of %s", stored, file.parent)
+        _replace_with_link(file, stored, stored.parent)
+    else:
+        _replace_with_link(stored, file, stored.parent)
+
+
+def _replace_with_link(source: Path, target: Path, scratch: Path) -> None:
+    """Atomically make `target` a hard link to `source`; the temporary link lives in `scratch` (the store),
+    so an interrupted replacement leaves no stray file in an entry."""
+    temporary = scratch / f".{target.name}.{secrets.token_hex(4)}"
+    os.link(source, temporary)
+    try:
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _remember_linked(entry: Path, names: list[str]) -> None:
+    """Record the linked files as verified (a new link changes a file's change time, which would make the
+    first open hash them again): their contents were hashed when written, or before they were linked.
+    The record then holds only these; the entry's other (small) files are hashed once on first open."""
+    stamps = {}
+    for name in names:
+        stat = (entry / name).stat()
+        stamps[name] = FileStamp(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, BLOB_NAME.fullmatch(name)["sha256"])
+    if stamps:
+        remember(entry, stamps)
+
+
+def prune_orphans(store: Path) -> int:
+    """Remove the stored weight files that no entry links any more; return the bytes freed."""
+    if not store.is_dir():
+        return 0
+    freed = 0
+    for path in store.iterdir():
+        if not BLOB_NAME.fullmatch(path.name):
+            continue
+        stat = path.stat()
+        if stat.st_nlink == 1:
+            path.unlink(missing_ok=True)
+            freed += stat.st_size
+    return freed
