@@ -120,7 +120,7 @@ def test_settings_reach_openvino(tiny_export, ov_cache):
     with open_runner(directory, backend="openvino", threads=1, cache_dir=ov_cache) as runner:
         assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
         assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
-        assert runner.device == "cpu" and runner.backend == "openvino"
+        assert runner.device == torch.device("cpu") and runner.backend == "openvino"
     with open_runner(directory, backend="openvino", threads=2, cache_dir=ov_cache) as runner:
         assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 2
 
@@ -296,5 +296,5 @@ def test_masked_row_guard_keeps_the_meaning_and_fixes_openvino():
 def test_missing_openvino_names_the_extra(tiny_export, tmp_path, monkeypatch):
     runner = open_runner(tiny_export(features="none"), backend="openvino", cache_dir=tmp_path)
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail like an absent package
-    with pytest.raises(MissingDependencyError, match=r"pip install 'vgrt\[openvino\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'vgrt\[cpu\]'"):
         runner.activate()

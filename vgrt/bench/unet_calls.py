@@ -11,26 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-from vgrt.engines.base import Runner
+from vgrt.engines.base import Runner, RunnerWrapper
 
 
-class TimedRunner(Runner):
+class TimedRunner(RunnerWrapper):
     """An active runner whose backend calls (`infer_impl`) are logged as (start, seconds) in `calls`.
 
     The feed checks of `infer` run in this wrapper, outside the logged time: they are host work.
     """
 
     def __init__(self, runner: Runner, calls: list[tuple[float, float]]):
-        super().__init__(runner.spec)
-        self.runner, self.calls = runner, calls
-        self.backend = runner.backend
-        self.is_active = runner.is_active
-
-    def activate_impl(self) -> None:
-        self.runner.activate()
-
-    def deactivate_impl(self) -> None:
-        self.runner.deactivate()
+        super().__init__(runner)
+        self.calls = calls
 
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         started = time.perf_counter()

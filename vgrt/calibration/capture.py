@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from vgrt.calibration import DEFAULT_MAX_SAMPLES, DEFAULT_SEEDS, DEFAULT_STEPS
 from vgrt.calibration.dataset import CalibrationSet, CapturedRun, SetWriter, open_for_capture, read_set
 from vgrt.checks import check_seed
-from vgrt.engines.base import Runner
+from vgrt.engines.base import Runner, RunnerWrapper
 from vgrt.errors import InvalidInputError
 from vgrt.models.source import ModelSource
 
@@ -155,20 +155,12 @@ def _digest_value(digest: Any, value: Any) -> None:
         digest.update(repr(value).encode())
 
 
-class RecordingRunner(Runner):
+class RecordingRunner(RunnerWrapper):
     """An active runner that keeps a copy of every feed it runs in `calls` (the backend call is unchanged)."""
 
     def __init__(self, runner: Runner, calls: list[dict[str, torch.Tensor]]):
-        super().__init__(runner.spec)
-        self.runner, self.calls = runner, calls
-        self.backend = runner.backend
-        self.is_active = runner.is_active
-
-    def activate_impl(self) -> None:
-        self.runner.activate()
-
-    def deactivate_impl(self) -> None:
-        self.runner.deactivate()
+        super().__init__(runner)
+        self.calls = calls
 
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         self.calls.append({name: value.detach().to("cpu", copy=True) for name, value in feed.items()})

@@ -89,3 +89,20 @@ class Runner(ABC):
     @abstractmethod
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         """One call on validated inputs; called from many threads at once (see the module docstring)."""
+
+
+class RunnerWrapper(Runner):
+    """An active runner around another, for tools that watch its calls (`vgrt bench compose` times them,
+    `vgrt calibrate` records them): its lifecycle is the wrapped runner's; a subclass overrides
+    `infer_impl` and calls `self.runner.infer_impl`, so the feed checks run once, in this wrapper."""
+
+    def __init__(self, runner: Runner):
+        super().__init__(runner.spec)
+        self.runner = runner
+        self.backend, self.device, self.is_active = runner.backend, runner.device, runner.is_active
+
+    def activate_impl(self) -> None:
+        self.runner.activate()
+
+    def deactivate_impl(self) -> None:
+        self.runner.deactivate()

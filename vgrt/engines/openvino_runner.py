@@ -98,7 +98,6 @@ class OpenVinoRunner(Runner):
     """
 
     backend = "openvino"
-    device = "cpu"
 
     def __init__(
         self,

@@ -11,17 +11,15 @@ own copy. Not symbolic links: ONNX Runtime and OpenVINO refuse weights outside t
 
 import logging
 import os
-import re
 import secrets
 from pathlib import Path
 
 from vgrt.export.staging import describe_os_error
-from vgrt.export.verify import FileStamp, file_sha256, remember
+from vgrt.export.verify import CONTENT_NAME, file_sha256, remember, stamp_known
 
 log = logging.getLogger(__name__)
 
 STORE = "blobs"
-BLOB_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.bin")
 
 
 def blob_name(sha256: str) -> str:
@@ -31,7 +29,7 @@ def blob_name(sha256: str) -> str:
 def share_weights(entry: Path, store: Path) -> int:
     """Link the content-named weight files of the export `entry` with `store`; return how many it shares.
     Call it holding the entry's lock. Where links cannot be made, the entry keeps its copies (logged once)."""
-    names = sorted(name for name in os.listdir(entry) if BLOB_NAME.fullmatch(name))
+    names = sorted(name for name in os.listdir(entry) if CONTENT_NAME.fullmatch(name))
     if not names:
         return 0  # a small export keeps its weights in its graph file
     shared = 0
@@ -59,7 +57,7 @@ def _share(file: Path, stored: Path) -> None:
         pass
     if os.path.samestat(file.stat(), stored.stat()):
         return
-    if file_sha256(stored) != BLOB_NAME.fullmatch(stored.name)["sha256"]:
+    if file_sha256(stored) != CONTENT_NAME.fullmatch(stored.name)["sha256"]:
         log.warning("%s is damaged; replacing it with the copy of %s", stored, file.parent)
         _replace_with_link(file, stored, stored.parent)
     else:
@@ -79,13 +77,11 @@ def _replace_with_link(source: Path, target: Path, scratch: Path) -> None:
 
 
 def _remember_linked(entry: Path, names: list[str]) -> None:
-    """Record the linked files as verified (a new link changes a file's change time, which would make the
-    first open hash them again): their contents were hashed when written, or before they were linked.
-    The record then holds only these; the entry's other (small) files are hashed once on first open."""
-    stamps = {}
-    for name in names:
-        stat = (entry / name).stat()
-        stamps[name] = FileStamp(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, BLOB_NAME.fullmatch(name)["sha256"])
+    """Record the linked files as verified (an entry's file replaced by the store's copy has that copy's
+    modification time, which would make the first open hash it again): their contents were hashed when
+    written, or before they were linked. The record then holds only these; the entry's other (small)
+    files are hashed once on first open."""
+    stamps = {name: stamp_known(entry / name, CONTENT_NAME.fullmatch(name)["sha256"]) for name in names}
     if stamps:
         remember(entry, stamps)
 
@@ -96,7 +92,7 @@ def prune_orphans(store: Path) -> int:
         return 0
     freed = 0
     for path in store.iterdir():
-        if not BLOB_NAME.fullmatch(path.name):
+        if not CONTENT_NAME.fullmatch(path.name):
             continue
         stat = path.stat()
         if stat.st_nlink == 1:

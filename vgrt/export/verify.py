@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from vgrt.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 RECORD = ".verified.json"
+CONTENT_NAME = re.compile(r"(?P<sha256>[0-9a-f]{64})\.bin")  # vgrt.export.blobs names shared weights so
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,20 @@ def file_sha256(path: Path) -> str:
 def stamp_file(path: Path) -> FileStamp:
     """Stat, then hash: a write during hashing changes the times, so the stamp is never newer than the hash."""
     stat = path.stat()
-    return FileStamp(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, file_sha256(path))
+    return FileStamp(stat.st_size, stat.st_mtime_ns, _change_time(path, stat), file_sha256(path))
+
+
+def stamp_known(path: Path, sha256: str) -> FileStamp:
+    """The stamp of a file whose content was hashed already (when it was written or linked): a stat only."""
+    stat = path.stat()
+    return FileStamp(stat.st_size, stat.st_mtime_ns, _change_time(path, stat), sha256)
+
+
+def _change_time(path: Path, stat: os.stat_result) -> int:
+    """The change time, except for content-named weights (`<sha256>.bin`): the export cache hard-links those
+    among its entries (vgrt.export.blobs), and each new link changes the change time of every entry's copy.
+    Their size and modification time still change on any write."""
+    return 0 if CONTENT_NAME.fullmatch(path.name) else stat.st_ctime_ns
 
 
 def verify_files(directory: Path, expected: dict[str, dict[str, object]]) -> None:
@@ -59,7 +74,7 @@ def verify_files(directory: Path, expected: dict[str, dict[str, object]]) -> Non
                 f"{str(path)!r} changed since it was exported: it has {stat.st_size} bytes, its manifest records "
                 f"{want['bytes']} (truncated or replaced); export the directory again"
             )
-        stamp = FileStamp(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, str(want["sha256"]))
+        stamp = FileStamp(stat.st_size, stat.st_mtime_ns, _change_time(path, stat), str(want["sha256"]))
         if remembered.get(name) != stamp:
             stamp = stamp_file(path)
             if stamp.sha256 != want["sha256"]:
