@@ -25,7 +25,7 @@ float and the model is quantised again without them.
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from vgrt.calibration.dataset import CalibrationSet, read_set
 from vgrt.calibration.sensitivity import QUANTISED_OPS, layer_sqnr_db
 from vgrt.errors import InvalidInputError
 from vgrt.export.manifest import read_manifest, write_manifest
-from vgrt.export.staging import atomic_directory, check_replaceable, clean_interrupted, describe_os_error, target_lock
+from vgrt.export.staging import atomic_directory, claimed_target
 from vgrt.export.verify import remember, stamp_file
 
 log = logging.getLogger(__name__)
@@ -100,19 +100,9 @@ def quantize_export(
     calib, held = split_feeds(calibration, {t.name for t in entry.spec.inputs}, settings.held_out)
     source = manifest.path(entry)
     out = Path(out)
-    with ExitStack() as stack:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(target_lock(out))
-        except OSError as err:
-            raise InvalidInputError(
-                f"cannot write an export at {str(out)!r} ({describe_os_error(err)}); choose another --out"
-            ) from err
-        clean_interrupted(out)
-        check_replaceable(out)
-        with atomic_directory(out) as staging:
-            report = _quantise_with_fallback(source, staging / entry.file, calib, held, settings)
-            _write_int8_manifest(staging, manifest.data, component, entry.file, calibration, report, settings)
+    with claimed_target(out), atomic_directory(out) as staging:
+        report = _quantise_with_fallback(source, staging / entry.file, calib, held, settings)
+        _write_int8_manifest(staging, manifest.data, component, entry.file, calibration, report, settings)
     return out, report
 
 

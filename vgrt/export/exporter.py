@@ -11,7 +11,6 @@ import hashlib
 import logging
 import platform
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from vgrt.export.fp16 import keep_ops_in_fp32
 from vgrt.export.group_norm import decompose_group_norms
 from vgrt.export.manifest import write_manifest
 from vgrt.export.spec import ComponentSpec
-from vgrt.export.staging import atomic_directory, check_replaceable, clean_interrupted, describe_os_error, target_lock
+from vgrt.export.staging import atomic_directory, claimed_target
 from vgrt.export.verify import FileStamp, remember, stamp_file
 from vgrt.library_noise import torch_onnx_warnings_translated
 from vgrt.models.features import features_text, parse_features
@@ -149,16 +148,7 @@ def export(out: str | Path, settings: ExportSettings = ExportSettings()) -> Path
     for package in ("onnxscript", "onnxruntime"):  # needed only after the model is built: check now
         require(package)
     out = Path(out)
-    with ExitStack() as stack:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(target_lock(out))
-        except OSError as err:
-            raise InvalidInputError(
-                f"cannot write an export at {str(out)!r} ({describe_os_error(err)}); choose another --out"
-            ) from err
-        clean_interrupted(out)
-        check_replaceable(out)
+    with claimed_target(out):
         return write_export(out, settings)
 
 

@@ -61,6 +61,26 @@ def target_lock(target: Path, wait: bool = True) -> Iterator[bool]:
         os.close(fd)
 
 
+@contextmanager
+def claimed_target(target: Path, option: str = "--out") -> Iterator[None]:
+    """What every writer of an export does first: take `target`'s lock (waiting for another writer), clean
+    up what an interrupted write left, and refuse a target vgrt may not replace, naming `option`."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = target_lock(target)
+        lock.__enter__()
+    except OSError as err:
+        raise InvalidInputError(
+            f"cannot write an export at {str(target)!r} ({describe_os_error(err)}); choose another {option}"
+        ) from err
+    try:
+        clean_interrupted(target)
+        check_replaceable(target, option)
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def _is_current(fd: int, path: Path) -> bool:
     try:
         return os.path.samestat(os.fstat(fd), path.stat())
