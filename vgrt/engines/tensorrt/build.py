@@ -17,8 +17,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
-
 from vgrt._lazy import require
 from vgrt.engines.tensorrt.cache import EngineCache, EngineKey, write_atomically
 from vgrt.engines.tensorrt.gpu import Gpu, current_gpu
@@ -72,6 +70,8 @@ class OnnxPathFromExport:
     settings: BuildSettings
 
     def __call__(self) -> Path:
+        import onnx  # here, not at import: a deployment that runs prebuilt engines needs no onnx
+
         from vgrt.export.attention_forms import apply_attention_form, count_custom_nodes
         from vgrt.export.plugin_form import to_plugin_form
 
