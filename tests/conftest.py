@@ -92,3 +92,14 @@ def composers(composer_cache):
     yield get
     for composer in made.values():
         composer.close()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if an image is decoded or a Composer made: the refusal must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the check")
+
+    monkeypatch.setattr("vgrt.runtime.images.load_image", forbidden)
+    monkeypatch.setattr("vgrt.runtime.composer.Composer.__post_init__", forbidden)

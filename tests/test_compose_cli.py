@@ -95,17 +95,6 @@ def test_vcf_from_the_command_line(examples, tmp_path, composer_cache, capsys):
     assert not bad.exists()
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fails the test if an image is decoded or a Composer made: the refusal must come first."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the check")
-
-    monkeypatch.setattr("vgrt.runtime.images.load_image", forbidden)
-    monkeypatch.setattr("vgrt.runtime.composer.Composer.__post_init__", forbidden)
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [

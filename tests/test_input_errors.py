@@ -19,17 +19,6 @@ from vgrt.errors import InvalidInputError
 from .cli_args import mca_ctrl_args
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fails the test if an image is decoded or a Composer made: the refusal must come first."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the check")
-
-    monkeypatch.setattr("vgrt.runtime.images.load_image", forbidden)
-    monkeypatch.setattr("vgrt.runtime.composer.Composer.__post_init__", forbidden)
-
-
 def refused(argv, capsys) -> str:
     assert main(argv) == 2
     return capsys.readouterr().err

@@ -36,6 +36,7 @@ from vgrt.bench.results import Case, Measurement, SuiteOutput, UNetWork
 from vgrt.bench.settings import BenchSettings
 from vgrt.bench.timing import rotated
 from vgrt.bench.unet_calls import StageCalls, UNetCallLog
+from vgrt.engines import thread_settings
 from vgrt.errors import VgrtError
 from vgrt.models.presets import get_preset
 from vgrt.runtime.composer import Composer
@@ -131,7 +132,7 @@ def _time_rounds(preset: str, plan: MethodCase, settings: BenchSettings) -> dict
 def _turn(preset: str, backend: str, plan: MethodCase, settings: BenchSettings, runs: BackendRuns) -> None:
     """Open the backend's composer, warm it up, time one run, close it."""
     calls = UNetCallLog()
-    options = {"intra_op_threads": settings.threads} if backend == "onnxruntime" else {}
+    options = thread_settings(backend, settings.threads)
     composer = Composer.from_preset(
         preset, backend=backend, progress=False, runner_options=options, runner_hook=calls.hook
     )

@@ -21,11 +21,9 @@ COMPETITORS = {
 
 
 def runner_options(backend: str, precision: str, threads: int) -> dict:
-    if backend == "openvino":
-        return {"precision": precision, "threads": threads}
-    if backend == "onnxruntime":
-        return {"intra_op_threads": threads}
-    return {}
+    from vgrt.engines import thread_settings
+
+    return {**thread_settings(backend, threads), **({"precision": precision} if backend == "openvino" else {})}
 
 
 def _main(folder: str, request_json: str) -> None:

@@ -44,6 +44,14 @@ def open_runner(directory: str | Path, component: str = "unet", backend: str = "
     return TorchRunner(module, entry.spec, dtype=dtype, **settings)
 
 
+THREAD_SETTINGS = {"onnxruntime": "intra_op_threads", "openvino": "threads"}  # torch: torch.set_num_threads
+
+
+def thread_settings(backend: str, threads: int) -> dict[str, int]:
+    """The runner setting that gives `backend` `threads` threads (none for torch, whose count is global)."""
+    return {THREAD_SETTINGS[backend]: threads} if backend in THREAD_SETTINGS else {}
+
+
 def default_backend() -> str:
     """The CPU backend `vgrt compose` runs when none is named: OpenVINO where it is installed (it comes with
     `vgrt[cpu]`), the fastest CPU engine measured that meets fp32 parity (README, Performance), else

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vgrt.engines import default_backend
+from vgrt.engines import default_backend, thread_settings
 from vgrt.errors import InvalidInputError, VgrtError
 from vgrt.serve.protocol import MAX_BODY_BYTES, HttpError, Reply, client_message, parse_inputs
 
 log = logging.getLogger("vgrt.serve")
 
 WARMUPS = ("compose", "open")  # one 2-step request per method, or only open its runners
-THREAD_OPTION = {"onnxruntime": "intra_op_threads", "openvino": "threads"}  # runner option holding the thread count
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,8 @@ class ServeSettings:
         from vgrt.commands.compose import composer_options
 
         options = composer_options(self.backend, self.device, self.attention, self.precision)
-        if self.threads and self.backend in THREAD_OPTION:
-            options["runner_options"][THREAD_OPTION[self.backend]] = self.threads
+        if self.threads:
+            options["runner_options"].update(thread_settings(self.backend, self.threads))
         return options
 
     @property
