@@ -56,11 +56,3 @@ def test_folder_tokenizer_keeps_the_presets_special_ids(folder):
     assert (ids[0], ids[-1]) == (998, 999)  # the tiny text encoder's start and end tokens
     assert max(ids[1:-1]) < 998 and len(ids) < len(PROMPT)  # merges applied: fewer tokens than characters
     assert np.array_equal(sorted(tokenizer.get_vocab().values())[:3], [0, 1, 2])
-
-
-def test_sdxl_is_refused_before_any_weights_are_written(tmp_path):
-    from vgrt.errors import InvalidInputError
-
-    with pytest.raises(InvalidInputError, match="'sdxl' is SDXL; this writer makes SD 1.x/2.x folders only"):
-        write_diffusers_folder(ModelSource("sdxl", 0), tmp_path / "model")
-    assert not (tmp_path / "model").exists()

@@ -6,8 +6,10 @@ What each asks of the export, and the backends that run it:
   (TensorRT builds strongly typed networks: its precision is the export's).
 - bf16: the fp32 export, run in bf16 by OpenVINO's CPU plugin on CPUs with bf16 units (its inference
   precision), so the file and its cache key are the fp32 export's; the compiled model's key has it.
-- int8: an export calibrated on the methods' own UNet inputs by `vgrt calibrate`; onnxruntime, openvino.
-- fp8: TensorRT from a calibrated FP8 export, which `vgrt calibrate` does not make yet.
+- int8: a UNet export calibrated on the methods' own UNet inputs by `vgrt calibrate`: onnxruntime and
+  openvino run its CPU form (--target cpu), tensorrt its Q/DQ form (--target tensorrt); the other
+  components run in fp32 on the CPU, fp16 on TensorRT.
+- fp8: the same, TensorRT only (Hopper and Ada GPUs).
 """
 
 from vgrt.errors import InvalidInputError
@@ -17,11 +19,12 @@ BACKENDS_OF = {
     "fp32": ("torch", "onnxruntime", "openvino", "tensorrt"),
     "fp16": ("torch", "onnxruntime", "tensorrt"),
     "bf16": ("openvino",),
-    "int8": ("onnxruntime", "openvino"),
+    "int8": ("onnxruntime", "openvino", "tensorrt"),
     "fp8": ("tensorrt",),
 }
 _EXPORT_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp32"}  # int8 and fp8 come from calibration
 _CALIBRATED = "int8 and fp8 engines come from an export calibrated on your method's inputs: vgrt calibrate METHOD ..."
+QUANTISED = ("int8", "fp8")  # the UNet from `vgrt calibrate`; the other components in `companion_dtype`
 
 
 def default_precision(backend: str) -> str:
@@ -45,3 +48,11 @@ def export_dtype(precision: str, flag: str = "--precision") -> str:
     if precision not in _EXPORT_DTYPES:
         raise InvalidInputError(f"{flag} {precision}: {_CALIBRATED} --precision {precision} --out DIR")
     return _EXPORT_DTYPES[precision]
+
+
+def companion_dtype(precision: str, backend: str) -> str:
+    """The dtype of the exports that run beside a UNet quantised to `precision` (int8, fp8): the fp16 of
+    TensorRT's engines, else fp32; for other precisions, `export_dtype(precision)`."""
+    if precision not in QUANTISED:
+        return export_dtype(precision)
+    return "fp16" if backend == "tensorrt" else "fp32"

@@ -14,13 +14,13 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr("vgrt.calibration.capture.capture", refuse)
     monkeypatch.setattr("vgrt.calibration.int8.quantize_export", refuse)
+    monkeypatch.setattr("vgrt.calibration.tensorrt_qdq.quantize_for_tensorrt", refuse)
 
 
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--target", "tensorrt"], "--target tensorrt --precision int8 is not built yet"),
-        (["--precision", "fp8"], "--target cpu --precision fp8 is not built yet"),
+        (["--precision", "fp8"], "--precision fp8 is TensorRT's (Hopper and Ada GPUs); add --target tensorrt"),
         (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
         (["--calls", "every:0"], "--calls 'every:0' is not 'all', 'every:K'"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),

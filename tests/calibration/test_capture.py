@@ -211,7 +211,21 @@ def test_a_real_method_run_is_captured(tmp_path, composer_cache):
     runs = example_runs("mca-ctrl", "tiny", size=32, steps=2, seeds=(0,))
     calibration = capture(tmp_path / "set", ModelSource("tiny"), runs, cache=composer_cache, progress=False)
     (run,) = calibration.runs.values()
-    assert run.features == "mutual" and run.calls == 4 and run.samples == 4  # 2 inversion + 2 denoising calls
+    # 2 inversion calls of the plain UNet (another layout: left out) and 2 denoising calls of the mutual one
+    assert run.features == "mutual" and run.calls == 4 and run.samples == 2
     assert {"self_key_masks", "q_index", "kv_index"} <= set(run.inputs)
     feeds = list(calibration.samples())
     assert not torch.equal(feeds[0]["sample"], feeds[-1]["sample"])  # copies, not the reused buffer
+
+
+def test_a_run_keeps_its_own_layout_when_an_inversion_makes_as_many_calls():
+    import torch
+
+    from vgrt.calibration.capture import CallSelection, FeedRecorder
+
+    plain = {"sample": torch.zeros(1), "timestep": torch.zeros(1), "encoder_hidden_states": torch.zeros(1)}
+    mutual = {**plain, "self_key_masks": torch.ones(1), "q_index": torch.zeros(1, dtype=torch.int64)}
+    recorder = FeedRecorder()
+    recorder.calls.extend([plain] * 3 + [mutual] * 3)  # MCA-Ctrl: 3 inversion steps, then 3 denoising steps
+    made, samples = recorder.take(CallSelection(), quota=10)
+    assert made == 6 and len(samples) == 3 and all(set(feed) == set(mutual) for feed in samples)

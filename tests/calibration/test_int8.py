@@ -127,8 +127,14 @@ def _manifest_with(int8_export, tmp_path, change):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda d: d.update(precision="int4"), "precision is a string \"int4\", expected 'fp32' or 'fp16' or 'int8'"),
-        (lambda d: d.pop("quantization"), "quantization is missing, expected present exactly when precision is 'int8'"),
+        (
+            lambda d: d.update(precision="int4"),
+            "precision is a string \"int4\", expected 'fp32' or 'fp16' or 'int8' or 'fp8'",
+        ),
+        (
+            lambda d: d.pop("quantization"),
+            "quantization is missing, expected present exactly when precision is 'int8' or 'fp8'",
+        ),
         (lambda d: d["quantization"].pop("backends"), "quantization.backends is missing"),
     ],
 )

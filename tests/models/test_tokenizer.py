@@ -75,3 +75,19 @@ def test_bpe_training_merges_the_most_frequent_pair_and_breaks_ties_by_order():
 def test_weights_folder_without_tokenizer_files_is_refused(tmp_path):
     with pytest.raises(WeightsError, match="vocab.json and merges.txt"):
         load_tokenizer(ModelSource("tiny", weights=str(tmp_path)))
+
+
+def test_a_tokenizer_folder_pads_with_its_own_pad_token(tmp_path):
+    # SDXL's tokenizer_2 pads with "!" where tokenizer/ pads with the end token: the ids after the end token
+    # reach the second text encoder, so the folder's own setting must be read.
+    from vgrt.models.diffusers_folder import write_clip_tokenizer
+
+    config = get_preset("tiny").text_encoder
+    write_clip_tokenizer(tmp_path / "tokenizer", config)
+    settings = tmp_path / "tokenizer" / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "pad_token": "!"}))
+    tokenize = load_tokenizer(ModelSource("tiny", weights=str(tmp_path)))
+    exclamation = json.loads((tmp_path / "tokenizer" / "vocab.json").read_text())["!"]
+    ids = tokenize(["a cat"])
+    assert tokenize.pad == exclamation != tokenize.end
+    assert (ids[0, 4:] == exclamation).all() and ids[0, 3] == tokenize.end  # start, "a", "cat", end, padding

@@ -22,6 +22,7 @@ from vgrt.client import Client, RequestError, Retry, multipart
 
 PORT = 8321
 URL = f"http://127.0.0.1:{PORT}"
+METRICS_PORT = 8322
 FILES = {"subject": "subject.png", "subject_mask": "subject_mask.png", "condition": "scene.png",
          "region_mask": "region_mask.png"}  # fmt: skip
 
@@ -30,17 +31,23 @@ def inputs(examples: Path, **extra) -> dict:
     return {name: (examples / file).read_bytes() for name, file in FILES.items()} | extra
 
 
-def start(cache: str, scaling: dict, threads: int = 1):
-    """Ray on this namespace's loopback, Serve on PORT, the tiny preset's mca-ctrl warm behind it."""
+def start(cache: str, scaling: dict, threads: int = 1, **serving):
+    """Ray on this namespace's loopback, Serve on PORT, the tiny preset's mca-ctrl warm behind it
+    (`serving`: more ServeSettings). Ray's Prometheus endpoint is http://127.0.0.1:METRICS_PORT/metrics."""
     import ray
     from ray import serve
 
     from vgrt.serve.app import Scaling, build_app
     from vgrt.serve.service import ServeSettings
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(
+        num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+    )  # fmt: skip
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": PORT, "request_timeout_s": 120})
-    settings = ServeSettings(backend="onnxruntime", cache=cache, methods=("mca-ctrl",), warmup="open", threads=threads)
+    settings = ServeSettings(
+        backend="onnxruntime", cache=cache, methods=("mca-ctrl",), warmup="open", threads=threads, **serving
+    )
     started = time.perf_counter()
     serve.run(build_app(settings, Scaling(**scaling)), name="vgrt", route_prefix="/")
     return time.perf_counter() - started
@@ -269,12 +276,14 @@ def config(examples: Path, cache: str, out: Path, wait_s: float = 240.0) -> dict
 def cli(examples: Path, cache: str, out: Path, wait_s: float = 240.0) -> dict:
     """`vgrt serve` with its options in the foreground, `vgrt request`, then SIGINT."""
     options = ["--host", "127.0.0.1", "--port", str(PORT), "--backend", "onnxruntime", "--cache", cache,
-               "--methods", "mca-ctrl", "--warmup", "open", "--threads", "1"]  # fmt: skip
-    return _foreground(["serve", *options], examples, out, wait_s)
+               "--methods", "mca-ctrl", "--warmup", "open", "--threads", "1",
+               "--metrics-port", str(METRICS_PORT)]  # fmt: skip
+    return _foreground(["serve", *options], examples, out, wait_s, metrics=("ray_vgrt_stage_seconds_count",))
 
 
-def _foreground(serve: list[str], examples: Path, out: Path, wait_s: float) -> dict:
-    """Run `vgrt <serve>` until it answers, compose with `vgrt request`, then stop it as Ctrl-C does."""
+def _foreground(serve: list[str], examples: Path, out: Path, wait_s: float, metrics: tuple[str, ...] = ()) -> dict:
+    """Run `vgrt <serve>` until it answers, compose with `vgrt request`, scrape the `metrics` families from
+    METRICS_PORT, then stop it as Ctrl-C does."""
     import signal
     import subprocess
 
@@ -290,6 +299,8 @@ def _foreground(serve: list[str], examples: Path, out: Path, wait_s: float) -> d
             capture_output=True, text=True,
         )  # fmt: skip
         result["request"] = {"exit_code": done.returncode, "output": (done.stdout + done.stderr).strip()[-500:]}
+        if metrics:
+            result["metrics"] = _scraped(metrics, wait_s=60)
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -367,8 +378,50 @@ def two_nodes(
     return result
 
 
+BATCH_PROMPTS = ("a red ball", "a blue cube", "a green cone", "a white vase")
+
+
+def batch(examples: Path, cache: str, out: Path, requests: int = 2, wait_s: float = 90.0) -> dict:
+    """`requests` requests at once (prompt BATCH_PROMPTS[i], seed i) to a replica batching them
+    (`@serve.batch`, UNet calls merged), each PNG written beside `out` for the test to compare with
+    `vgrt compose`; then Ray's Prometheus endpoint, scraped until it shows vgrt's stage metric and Ray
+    Serve's batch sizes (at most `wait_s`: Ray exports every few seconds)."""
+    scaling = {"replicas": 1, "max_ongoing_requests": requests, "max_queued_requests": 8}
+    result = {"ready_s": start(cache, scaling, max_batch=requests, batch_wait_ms=500)}
+    client = Client(URL, timeout_s=120, retry=Retry(attempts=4, backoff_s=0.2))
+
+    def compose(index: int):
+        return client.compose("mca-ctrl", inputs(examples, steps=2, seed=index, prompt=BATCH_PROMPTS[index]))
+
+    with ThreadPoolExecutor(requests) as pool:
+        composed = list(pool.map(compose, range(requests)))
+    for index, reply in enumerate(composed):
+        out.with_name(f"{out.stem}-{index}.png").write_bytes(reply.png)
+    result["metrics"] = _scraped(("ray_vgrt_stage_seconds_count", "ray_serve_actual_batch_size"), wait_s)
+    return result
+
+
+def _scraped(families: tuple[str, ...], wait_s: float) -> dict[str, list[str]]:
+    """The exposition lines of `families` on Ray's Prometheus endpoint, once each has one (polled every
+    2 s, at most `wait_s`)."""
+    deadline = time.perf_counter() + wait_s
+    found: dict[str, list[str]] = {}
+    for _ in range(int(wait_s / 2) + 1):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+        except OSError as err:
+            text = f"# unreachable: {err}"
+        found = {family: [line for line in text.splitlines() if line.startswith(family)] for family in families}
+        if all(found.values()) or time.perf_counter() > deadline:
+            break
+        time.sleep(2)
+    return found
+
+
 SCENARIOS: dict[str, Callable[..., dict]] = {
-    "basic": basic, "bench": bench, "kill": kill, "drain": drain, "config": config, "cli": cli, "two_nodes": two_nodes,
+    "basic": basic, "batch": batch, "bench": bench, "kill": kill, "drain": drain, "config": config, "cli": cli,
+    "two_nodes": two_nodes,
 }  # fmt: skip
 
 

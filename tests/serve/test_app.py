@@ -27,6 +27,7 @@ def test_config_args_become_one_named_deployment_with_its_scaling():
     [
         ({"replicas": 0}, "replicas must be a whole number >= 1, got 0"),
         ({"replicas": 3, "max_replicas": 2}, "max_replicas 2 is below replicas 3"),
+        ({"max_batch": 4}, "max_batch 4 is above max_ongoing_requests 2: a replica holds at most"),
         ({"preset": "huge"}, "huge"),
         (
             {"backend": "onnxruntime", "precision": "bf16"},
@@ -44,3 +45,30 @@ def test_without_ray_the_error_names_the_serve_extra(monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'vgrt\[serve\]'"):
         build_app(ServeSettings())
+
+
+@needs_ray
+def test_vgrt_serve_max_batch_raises_max_ongoing_or_is_refused_below_it(monkeypatch, capsys):
+    from vgrt.cli import main
+
+    built = {}
+
+    def stop_before_ray(settings, scaling):  # what `vgrt serve` would build; Ray is never started
+        built.update(settings=settings, scaling=scaling)
+        raise InvalidInputError("stopped before Ray")
+
+    monkeypatch.setattr("vgrt.serve.app.build_app", stop_before_ray)
+    assert main(["serve", "--max-batch", "4", "--batch-wait-ms", "25"]) == 2
+    assert built["settings"].max_batch == 4 and built["settings"].batch_wait_ms == 25
+    assert built["scaling"].max_ongoing_requests == 4  # --max-ongoing defaults to the batch size
+    monkeypatch.undo()  # the real build_app refuses the pair before Ray starts
+    assert main(["serve", "--max-batch", "4", "--max-ongoing", "2"]) == 2
+    assert "max_batch 4 is above max_ongoing_requests 2" in capsys.readouterr().err
+
+
+@needs_ray
+def test_vgrt_serve_metrics_port_is_refused_for_a_cluster_it_joins(capsys):
+    from vgrt.cli import main
+
+    assert main(["serve", "--metrics-port", "9100", "--address", "auto"]) == 2
+    assert "give it to that node's `ray start --metrics-export-port`" in capsys.readouterr().err

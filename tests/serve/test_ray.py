@@ -95,6 +95,9 @@ def test_vgrt_serve_in_the_foreground_answers_vgrt_request(tmp_path, examples, c
     assert result["request"]["exit_code"] == 0 and "0 retries" in result["request"]["output"]
     assert (tmp_path / "served.png").read_bytes() == cli_png.read_bytes()
     assert result["exit_code"] == 0  # Ctrl-C drained and stopped it
+    if scenario == "cli":  # --metrics-port: vgrt's stage metric on the node's Prometheus endpoint
+        stages = result["metrics"]["ray_vgrt_stage_seconds_count"]
+        assert _sample(stages, method="mca-ctrl", stage="denoise") == 1
 
 
 def test_two_nodes_two_replicas_both_serve(tmp_path, examples, composer_cache):
@@ -103,3 +106,32 @@ def test_two_nodes_two_replicas_both_serve(tmp_path, examples, composer_cache):
     assert result["nodes"] == 2 and load["failed"] == 0
     assert len(answers) == 2 and min(answers.values()) > 0
     assert len({replica.split("@")[1] for replica in answers}) == 2  # one replica on each node
+
+
+def _sample(lines: list[str], **labels: str) -> float:
+    """The value of the one exposition line among `lines` carrying every label in `labels`."""
+    wanted = [f'{name}="{value}"' for name, value in labels.items()]
+    found = [line for line in lines if all(label in line for label in wanted)]
+    assert len(found) == 1, f"{len(found)} lines with {wanted}: {lines}"
+    return float(found[0].rsplit(" ", 1)[1])
+
+
+def test_a_batch_composes_each_request_as_compose_does_and_prometheus_shows_the_stages(
+    tmp_path, examples, composer_cache
+):
+    from .ray_scenarios import BATCH_PROMPTS
+
+    requests = 2
+    for index in range(requests):  # first, so that the replica finds the exports made
+        extra = ["--seed", str(index), "--prompt", BATCH_PROMPTS[index], "--backend", "onnxruntime"]
+        assert main(mca_ctrl_args(examples, tmp_path / f"cli-{index}.png", *extra, "--cache", str(composer_cache))) == 0
+    result = run_scenario("batch", tmp_path / "batch.json", composer_cache, examples, f"requests={requests}")
+    served = [(tmp_path / f"batch-{index}.png").read_bytes() for index in range(requests)]
+    assert served[0] != served[1]  # different prompts: a mix-up of rows between requests would show
+    for index, png in enumerate(served):
+        assert png == (tmp_path / f"cli-{index}.png").read_bytes(), f"request {index}"
+    stages, sizes = result["metrics"]["ray_vgrt_stage_seconds_count"], result["metrics"]["ray_serve_actual_batch_size"]
+    for stage in ("encode", "invert", "denoise", "decode"):  # scraped from Ray's Prometheus endpoint
+        assert _sample(stages, method="mca-ctrl", stage=stage, deployment="tiny-onnxruntime-fp32") == requests
+    batches = _sample([line for line in sizes if line.startswith("ray_serve_actual_batch_size_count")])
+    assert batches >= 1 and _sample(sizes, le="1.0") == 0  # no batch of one: the requests were batched

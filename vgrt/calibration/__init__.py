@@ -2,7 +2,9 @@
 
 - `dataset`: a calibration set on disk (one safetensors shard per captured run, a manifest listing them);
 - `capture`: runs methods with a recording wrapper around the UNet runner and adds their feeds to a set;
-- `int8`: CPU INT8 exports of a UNet (NNCF for OpenVINO, ONNX Runtime's static Q/DQ) calibrated on a set;
+- `int8`: CPU INT8 exports of a UNet (ONNX Runtime's static Q/DQ, which both CPU backends run) calibrated
+  on a set; `vgrt compose --precision int8 --calibrated DIR` runs one;
+- `tensorrt_qdq`: TensorRT INT8 and FP8 exports: symmetric Q/DQ nodes in vgrt's own fp16 export;
 - `sensitivity`: per-layer signal-to-quantisation-noise ratios, and the layers that fall back to float.
 """
 
@@ -22,3 +24,7 @@ DEFAULT_MAX_SAMPLES = 128  # 2 seeds x 10 steps of a method with inversion is 40
 # CPU time goes (42%); 30 dB keeps the speed. Read the report of `vgrt calibrate` on real weights and
 # raise --sqnr-threshold where INT8 lands further from fp32 than bf16.
 DEFAULT_SQNR_THRESHOLD_DB = 30.0
+# E4M3 keeps 3 mantissa bits: rounding alone costs about 29 dB SQNR per input whatever the scale (INT8's
+# noise instead grows with a tensor's outliers), and every FP8 layer of tiny measures 28.5-28.7 dB, so
+# INT8's 30 dB would send them all back to float. Below 20 dB a layer has values in E4M3's subnormals.
+DEFAULT_FP8_SQNR_THRESHOLD_DB = 20.0

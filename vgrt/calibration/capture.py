@@ -14,7 +14,6 @@ By default the runs are the methods on the example inputs of `vgrt examples` (`e
 import dataclasses
 import hashlib
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,11 +178,11 @@ class FeedRecorder:
 
     def take(self, selection: CallSelection, quota: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
         """(calls made, the selected calls thinned evenly to `quota`), and forget them. Calls of a second
-        UNet feature set in the same run (another input layout) are left out: one run, one layout."""
+        UNet feature set in the same run are left out: one run, one layout, the method's own, which has the
+        most inputs (an inversion's plain UNet takes fewer, and as many calls: counting would pick either)."""
         calls = list(self.calls)
         self.calls.clear()  # in place: the wrapped runners append to this very list
-        layouts = Counter(tuple(feed) for feed in calls)
-        layout = layouts.most_common(1)[0][0] if calls else ()
+        layout = max((tuple(feed) for feed in calls), key=len, default=())
         chosen = [feed for index, feed in enumerate(calls) if selection.selects(index) and tuple(feed) == layout]
         return len(calls), [chosen[i] for i in evenly_spaced(len(chosen), quota)]
 

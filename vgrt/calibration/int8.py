@@ -24,7 +24,7 @@ float and the model is quantised again without them.
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,20 @@ from vgrt.export.verify import remember, stamp_file
 log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "openvino")  # both read ONNX Runtime's Q/DQ ONNX
+KEPT_IN_FLOAT = [
+    "attention (opset-23 Attention and vgrt::MaskedAttention: softmax and masking)",
+    "normalisation (GroupNorm, LayerNorm)",
+    "elementwise ops",
+]
+CPU_INT8 = {
+    "precision": "int8",
+    "tool": "onnxruntime.quantization.quantize_static (QDQ)",
+    "backends": list(BACKENDS),
+    "quantised_ops": list(QUANTISED_OPS),
+    "activations": "uint8 asymmetric, per tensor, min/max calibration",
+    "weights": "int8 symmetric, per output channel",
+    "kept_in_float": KEPT_IN_FLOAT,
+}
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,12 @@ def quantize_export(
     source = manifest.path(entry)
     out = Path(out)
     with claimed_target(out), atomic_directory(out) as staging:
-        report = _quantise_with_fallback(source, staging / entry.file, calib, held, settings)
-        _write_int8_manifest(staging, manifest.data, component, entry.file, calibration, report, settings)
+        target = staging / entry.file
+        report = quantise_with_fallback(
+            lambda float_layers: quantise_qdq(source, target, calib, float_layers), source, target, held, settings
+        )
+        report.calibration_samples = len(calib)
+        write_quantised_manifest(staging, manifest.data, component, entry.file, calibration, report, settings, CPU_INT8)
     return out, report
 
 
@@ -129,12 +147,20 @@ def split_feeds(
     return calib, held
 
 
-def _quantise_with_fallback(
-    source: Path, target: Path, calib: list[dict], held: list[dict], settings: Int8Settings
+def quantise_with_fallback(
+    quantise: Callable[[list[str]], None],
+    source: Path,
+    target: Path,
+    held: list[dict],
+    settings: Int8Settings,
+    exact: bool = False,
 ) -> QuantisationReport:
+    """`quantise(float_layers)` writes `target` from `source`: once with `settings.float_layers` in float, and
+    once more with the layers whose held-out SQNR is below the threshold added to them. The error is measured
+    on held-out feeds (`exact`: unoptimised, see `_session`)."""
     started = time.perf_counter()
     kept = list(settings.float_layers)
-    quantise_qdq(source, target, calib, kept)
+    quantise(kept)
     sqnr = layer_sqnr_db(source, target, held)
     low = sorted(
         name for name, db in sqnr.items() if settings.sqnr_threshold_db is not None and db < settings.sqnr_threshold_db
@@ -142,14 +168,26 @@ def _quantise_with_fallback(
     if low:
         log.info("%d layers below %.1f dB SQNR stay in float: %s", len(low), settings.sqnr_threshold_db, ", ".join(low))
         kept += low
-        quantise_qdq(source, target, calib, kept)
-    error = relative_output_error(source, target, held)
-    return QuantisationReport(sqnr, sorted(set(kept)), error, len(calib), len(held), time.perf_counter() - started)
+        quantise(kept)
+    error = relative_output_error(source, target, held, exact)
+    return QuantisationReport(sqnr, sorted(set(kept)), error, 0, len(held), time.perf_counter() - started)
 
 
 def quantise_qdq(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], float_layers: list[str]) -> None:
     """ONNX Runtime static Q/DQ of Conv, MatMul and Gemm: u8 asymmetric activations (min/max over `feeds`),
     s8 symmetric per-channel weights; `float_layers` (node names) left in float."""
+    quantization = require("onnxruntime.quantization")
+    with preprocessing_advice_dropped():
+        quantization.quantize_static(
+            str(source), str(target), feed_reader(feeds), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+            op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=list(float_layers),
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )  # fmt: skip
+
+
+def feed_reader(feeds: list[dict[str, np.ndarray]]):
+    """An ONNX Runtime CalibrationDataReader over `feeds`."""
     quantization = require("onnxruntime.quantization")
 
     class Reader(quantization.CalibrationDataReader):
@@ -159,17 +197,11 @@ def quantise_qdq(source: Path, target: Path, feeds: list[dict[str, np.ndarray]],
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
-    with _preprocessing_advice_dropped():
-        quantization.quantize_static(
-            str(source), str(target), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-            op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=list(float_layers),
-            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )  # fmt: skip
+    return Reader()
 
 
 @contextmanager
-def _preprocessing_advice_dropped() -> Iterator[None]:
+def preprocessing_advice_dropped() -> Iterator[None]:
     """quantize_static logs (on the root logger) advice to run its pre-processing, which fails on opset-23
     Attention ops (its shape inference takes them for the contrib op): drop that line only."""
 
@@ -184,9 +216,12 @@ def _preprocessing_advice_dropped() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def relative_output_error(reference: Path, quantised: Path, feeds: list[dict[str, np.ndarray]]) -> float:
-    """The worst ||quantised - reference|| / ||reference|| of the first output over `feeds`."""
-    ref, quant = _session(reference), _session(quantised)
+def relative_output_error(
+    reference: Path, quantised: Path, feeds: list[dict[str, np.ndarray]], exact: bool = False
+) -> float:
+    """The worst ||quantised - reference|| / ||reference|| of the first output over `feeds` (`exact`: the
+    graphs run unoptimised)."""
+    ref, quant = _session(reference, exact), _session(quantised, exact)
     worst = 0.0
     for feed in feeds:
         expected, got = ref.run(None, feed)[0], quant.run(None, feed)[0]
@@ -194,14 +229,20 @@ def relative_output_error(reference: Path, quantised: Path, feeds: list[dict[str
     return worst
 
 
-def _session(path: Path):
+def _session(path: Path, exact: bool = False):
+    """An ONNX Runtime CPU session; `exact`: with no graph optimisation, so that it computes what the ONNX
+    operators define. Optimised, ONNX Runtime 1.32 refuses symmetric INT8 Q/DQ at opset 23 (its Q/DQ
+    propagation gives signed pairs unsigned zero points) and folds FP8 weight Q/DQ pairs wrongly (0.44
+    error on tiny against 0.13)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if exact:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _write_int8_manifest(
+def write_quantised_manifest(
     staging: Path,
     source: dict[str, Any],
     component: str,
@@ -209,25 +250,19 @@ def _write_int8_manifest(
     calibration: CalibrationSet,
     report: QuantisationReport,
     settings: Int8Settings,
+    scheme: dict[str, Any],
 ) -> None:
+    """The manifest of a quantised export of `component`: the source export's, with the quantised file, the
+    precision and `scheme` (tool, precision, backends and what stays in float), and what was measured."""
     stamp = stamp_file(staging / file)
     entry = dict(source["components"][component])
     entry.update(file=file, onnx_sha256=stamp.sha256, files={file: {"bytes": stamp.bytes, "sha256": stamp.sha256}})
     remember(staging, {file: stamp})
     data = {key: value for key, value in source.items() if key != "format_version"}
     data["components"] = {component: entry}
-    data["precision"] = "int8"
+    data["precision"] = scheme["precision"]
     data["quantization"] = {
-        "tool": "onnxruntime.quantization.quantize_static (QDQ)",
-        "backends": list(BACKENDS),
-        "quantised_ops": list(QUANTISED_OPS),
-        "activations": "uint8 asymmetric, per tensor, min/max calibration",
-        "weights": "int8 symmetric, per output channel",
-        "kept_in_float": [
-            "attention (opset-23 Attention and vgrt::MaskedAttention: softmax and masking)",
-            "normalisation (GroupNorm, LayerNorm)",
-            "elementwise ops",
-        ],
+        **{key: value for key, value in scheme.items() if key != "precision"},
         "float_layers": report.float_layers,
         "sqnr_threshold_db": settings.sqnr_threshold_db,
         "layer_sqnr_db": {name: round(db, 2) for name, db in sorted(report.layer_sqnr_db.items())},

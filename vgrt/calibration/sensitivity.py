@@ -102,6 +102,12 @@ def _dequantize(stored: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: i
 
 
 def _fake_quant(value: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
-    info = np.iinfo(np.asarray(zero).dtype)
     s, z = _per_axis(scale, value.ndim, axis), _per_axis(zero, value.ndim, axis)
-    return (np.clip(np.round(value / s) + z, info.min, info.max) - z) * s
+    kind = np.asarray(zero).dtype
+    if kind.kind in "iu":
+        info = np.iinfo(kind)
+        return (np.clip(np.round(value / s) + z, info.min, info.max) - z) * s
+    # FLOAT8E4M3FN (zero point 0): QuantizeLinear saturates to the largest finite value, then rounds to fp8
+    ml_dtypes = require("ml_dtypes")
+    limit = float(ml_dtypes.finfo(kind).max)
+    return np.clip(value / s, -limit, limit).astype(kind).astype(np.float64) * s

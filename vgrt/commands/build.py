@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--jit", action="store_true",
         help="run the plugin's Python implementation instead of baking its PTX in (the engine then needs vgrt to run)",
     )  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=("fp32", "fp16", "int8", "fp8"),
+        help="the engine's precision, which TensorRT takes from the export (strongly typed): fp16 from an fp16 export, "
+        "int8 or fp8 from the Q/DQ export of `vgrt calibrate --target tensorrt`; given, the export is checked for it",
+    )  # fmt: skip
     parser.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
     parser.add_argument("--cache-dir", help="where engines and the timing cache go (default: DIRECTORY/tensorrt)")
 
@@ -29,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     settings = BuildSettings(
         component=args.component, attention=args.attention, aot=not args.jit, optimization_level=args.optimization_level
     )
-    print(f"engine: {build_engine(args.directory, settings, cache_dir=args.cache_dir)}")
+    print(f"engine: {build_engine(args.directory, settings, cache_dir=args.cache_dir, precision=args.precision)}")
     return 0

@@ -1,6 +1,11 @@
-"""Calibrate an INT8 UNet on a method's own UNet inputs: capture them, quantise, report the quality.
+"""Calibrate an INT8 (or FP8) UNet on a method's own UNet inputs: capture them, quantise, report the quality.
 
     vgrt calibrate METHOD [that method's compose inputs] --preset P|--weights DIR --out DIR
+        [--target cpu|tensorrt] [--precision int8|fp8]
+
+--target cpu (default) writes the INT8 UNet that onnxruntime and openvino run (`vgrt compose --precision
+int8 --calibrated OUT`); --target tensorrt writes Q/DQ ONNX in TensorRT's form, INT8 or FP8, which
+`vgrt build OUT --precision P` turns into an engine on a GPU.
 
 Without compose arguments the method runs on the example inputs of `vgrt examples`. The captured feeds
 go to a calibration set (--set, default OUT-calibration), which a re-run resumes; --capture-only stops
@@ -34,10 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    from vgrt.calibration import DEFAULT_MAX_SAMPLES, DEFAULT_SQNR_THRESHOLD_DB
+    from vgrt.calibration import DEFAULT_FP8_SQNR_THRESHOLD_DB, DEFAULT_MAX_SAMPLES, DEFAULT_SQNR_THRESHOLD_DB
 
     parser.add_argument("--out", help="the INT8 export directory to write (replaced atomically when it is one)")
-    parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
+    parser.add_argument(
+        "--preset", help="tiny, sd15, sd21 or sdxl (default: the --weights folder's own, else tiny, random weights)"
+    )
     parser.add_argument("--weights", help="local diffusers folder with real weights")
     parser.add_argument("--target", default="cpu", choices=TARGETS, help="default: cpu")
     parser.add_argument("--precision", default="int8", choices=PRECISIONS, help="default: int8")
@@ -56,8 +63,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help=f"samples in the set (default: {DEFAULT_MAX_SAMPLES})",
     )
     parser.add_argument(
-        "--sqnr-threshold", type=float, default=DEFAULT_SQNR_THRESHOLD_DB,
-        help=f"layers below this SQNR (dB) stay in float (default: {DEFAULT_SQNR_THRESHOLD_DB:g}); 0: none",
+        "--sqnr-threshold", type=float,
+        help=f"layers below this SQNR (dB) stay in float (default: {DEFAULT_SQNR_THRESHOLD_DB:g} for int8, "
+        f"{DEFAULT_FP8_SQNR_THRESHOLD_DB:g} for fp8, whose rounding alone costs about 29 dB); 0: none",
     )  # fmt: skip
     parser.add_argument(
         "--no-report", action="store_true", help="skip the quality report (each run again with fp32, int8 and bf16)"
@@ -85,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
     features = _features_to_quantise(args.method, calibration)
     _quantise(args, source, features, calibration, Path(out))
-    if runs and not args.no_report:
+    if runs and not args.no_report and args.target == "cpu":
         _report(runs, source, Path(out), args.cache)
+    elif args.target == "tensorrt":
+        print(f"build its engine on a GPU: vgrt build {out} --precision {args.precision}")
     return 0
 
 
@@ -98,12 +108,11 @@ def _checked(args: argparse.Namespace):
     from vgrt.checks import check_writable_folder
     from vgrt.errors import InvalidInputError
     from vgrt.export.staging import check_replaceable
-    from vgrt.models.presets import get_preset
+    from vgrt.models.source import ModelSource
 
-    if args.target == "tensorrt" or args.precision == "fp8":
+    if args.precision == "fp8" and args.target != "tensorrt":
         raise InvalidInputError(
-            f"--target {args.target} --precision {args.precision} is not built yet: TensorRT INT8/FP8 (explicit Q/DQ) "
-            "is planned; use --target cpu --precision int8"
+            "--precision fp8 is TensorRT's (Hopper and Ada GPUs); add --target tensorrt, or calibrate int8 for the CPU"
         )
     if args.from_set and args.capture_only:
         raise InvalidInputError(
@@ -119,7 +128,7 @@ def _checked(args: argparse.Namespace):
         raise InvalidInputError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.steps is not None and args.steps < 1:
         raise InvalidInputError(f"--steps must be >= 1, got {args.steps}")
-    get_preset(args.preset)
+    args.preset = ModelSource.from_options(args.preset, args.weights).preset  # a --weights folder names its own
     if args.weights and not Path(args.weights).is_dir():
         raise InvalidInputError(f"--weights {args.weights!r} is not a folder; give a local diffusers model folder")
     calibration_set = Path(args.set or f"{args.out.rstrip('/')}-calibration")
@@ -171,22 +180,40 @@ def _features_to_quantise(method: str, calibration) -> str:
 
 def _quantise(args: argparse.Namespace, source, features: str, calibration, out) -> None:
     from vgrt.calibration.int8 import Int8Settings, quantize_export
+    from vgrt.calibration.tensorrt_qdq import TensorRtQdqSettings, default_sqnr_threshold_db, quantize_for_tensorrt
     from vgrt.export.cache import cached_export
     from vgrt.export.exporter import ExportSettings
 
-    settings = ExportSettings(preset=args.preset, components="unet", features=features, weights=args.weights)
-    fp32 = cached_export(settings, args.cache)
-    threshold = args.sqnr_threshold if args.sqnr_threshold > 0 else None
-    out, report = quantize_export(fp32, calibration, out, Int8Settings(sqnr_threshold_db=threshold))
+    tensorrt = args.target == "tensorrt"
+    settings = ExportSettings(
+        preset=args.preset,
+        components="unet",
+        features=features,
+        weights=args.weights,
+        dtype="fp16" if tensorrt else "fp32",
+    )  # TensorRT's engine runs everything not quantised in the export's precision
+    export = cached_export(settings, args.cache)
+    threshold = default_sqnr_threshold_db(args.precision) if args.sqnr_threshold is None else args.sqnr_threshold
+    threshold = threshold if threshold > 0 else None
+    if tensorrt:
+        settings = TensorRtQdqSettings(precision=args.precision, sqnr_threshold_db=threshold)
+        out, report = quantize_for_tensorrt(export, calibration, out, settings)
+        runs_on = "Q/DQ for TensorRT, measured on ONNX Runtime's CPU reference"
+    else:
+        out, report = quantize_export(export, calibration, out, Int8Settings(sqnr_threshold_db=threshold))
+        runs_on = "opens on onnxruntime and openvino"
     worst = min(report.layer_sqnr_db.items(), key=lambda item: item[1])
-    print(f"wrote {out}/manifest.json (int8 UNet, features {features}; opens on onnxruntime and openvino)")
+    print(f"wrote {out}/manifest.json ({args.precision} UNet, features {features}; {runs_on})")
     print(
         f"  calibrated on {report.calibration_samples} samples, {report.held_out_samples} held out; "
         f"{len(report.layer_sqnr_db)} layers quantised, lowest SQNR {worst[1]:.1f} dB ({worst[0]})"
     )
     shown = ", ".join(report.float_layers[:6]) + (", ..." if len(report.float_layers) > 6 else "")
-    print(f"  {len(report.float_layers)} kept in float (below {args.sqnr_threshold:g} dB): {shown or 'none'}")
-    print(f"  UNet output relative error vs fp32 on held-out feeds: {report.relative_error:.4f}")
+    below = f"below {threshold:g} dB" if threshold is not None else "no threshold"
+    print(f"  {len(report.float_layers)} kept in float ({below}): {shown or 'none'}")
+    print(
+        f"  UNet output relative error vs {'fp16' if tensorrt else 'fp32'} on held-out feeds: {report.relative_error:.4f}"
+    )
 
 
 def _report(runs, source, out, cache) -> None:

@@ -1,6 +1,7 @@
 """Compose an image from visual prompts with one of the methods (engines exported on first use)."""
 
 import argparse
+from dataclasses import replace
 
 from vgrt.engines import BACKENDS
 from vgrt.precision import PRECISIONS
@@ -57,10 +58,28 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="the engines' arithmetic (default: fp16 on tensorrt, else fp32); bf16 runs on openvino on CPUs with "
         "BF16 units (vgrt.precision says which backend runs which)",
     )  # fmt: skip
-    parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
     parser.add_argument(
-        "--weights", help="local diffusers folder with real weights (unet/, vae/, text_encoder/, tokenizer/)"
+        "--calibrated", action="append", metavar="DIR",
+        help="with --precision int8 (fp8: tensorrt): a UNet export quantised by `vgrt calibrate` (its --out), run "
+        "in place of the UNet of its features; repeatable; the rest runs in fp32 (fp16 on tensorrt)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--preset", help="tiny, sd15, sd21 or sdxl (default: the --weights folder's own, else tiny, random weights)"
     )
+    parser.add_argument(
+        "--weights", help="local diffusers folder as published (model_index.json, unet/, vae/, text_encoder/, "
+        "tokenizer/, scheduler/); its preset is read from its configs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--adapter", action="append", metavar="PATH",
+        help="adapter checkpoint as its authors publish it, or a folder of them; repeatable: IP-Adapter "
+        "(ip-adapter_sd15.safetensors, ip-adapter_sdxl.safetensors, with the image_encoder/ folder beside it), "
+        "AIComposer's mlp_sdxl.pth, VCF's aligner, or vgrt's adapter layout (README: adapter checkpoints)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="also read pickled checkpoints (.bin, .pth), which can run code when loaded",
+    )  # fmt: skip
     parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
 
 
@@ -68,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from vgrt.checks import check_output_file, check_seed, check_writable_folder
     from vgrt.engines import default_backend
     from vgrt.export.cache import cache_root
-    from vgrt.models.presets import get_preset
+    from vgrt.models.adapter_checkpoints import check_source_adapters
     from vgrt.models.source import ModelSource
     from vgrt.runtime.composer import Composer
     from vgrt.runtime.images import save_image
@@ -78,11 +97,14 @@ def run(args: argparse.Namespace) -> int:
     args.backend = args.backend or default_backend()
     check_writable_folder(args.cache or cache_root(), "--cache" if args.cache else "the cache (--cache or $VGRT_CACHE)")
     check_seed(args.seed, "--seed")
-    options = composer_options(args.backend, args.device, args.attention, args.precision)
-    preset = get_preset(args.preset)
+    options = composer_options(args.backend, args.device, args.attention, args.precision, args.calibrated)
+    source = ModelSource.from_options(args.preset, args.weights)  # --seed is the sampling seed, not the weights'
+    source = replace(source, allow_pickle=args.allow_pickle, adapters=tuple(args.adapter or ()))
+    check_source_adapters(source, source.model_preset())
     method = METHODS[args.method]
-    request = method.request({option.name: getattr(args, option.name) for option in method.options}, preset)
-    source = ModelSource(args.preset, weights=args.weights)  # --seed is the sampling seed, not the weights'
+    request = method.request(
+        {option.name: getattr(args, option.name) for option in method.options}, source.model_preset()
+    )
     with Composer(source, args.backend, cache=args.cache, **options) as composer:
         result = method.compose(composer, request)
         record = provenance(args, request, composer)
@@ -94,13 +116,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def composer_options(backend: str, device: str | None, attention: str | None, precision: str | None) -> dict:
+def composer_options(
+    backend: str, device: str | None, attention: str | None, precision: str | None, calibrated: list[str] | None = None
+) -> dict:
     """The Composer's keyword settings for --backend, --device, --attention and --precision, refused where
     the backend cannot take them, where this machine lacks the device (or the tensorrt backend lacks
     TensorRT), or bf16 on a CPU without BF16 units: all before any export."""
-    from vgrt.engines.engine_set import check_backend_device, parse_device
+    from vgrt.engines.engine_set import check_backend_device, check_calibrated, parse_device
     from vgrt.errors import InvalidInputError
-    from vgrt.precision import check_precision, default_precision, export_dtype
+    from vgrt.precision import QUANTISED, check_precision, companion_dtype, default_precision
 
     if attention is not None and backend != "tensorrt":
         raise InvalidInputError(
@@ -109,23 +133,25 @@ def composer_options(backend: str, device: str | None, attention: str | None, pr
         )
     precision = precision or default_precision(backend)
     check_precision(precision, backend)
-    if precision in ("int8", "fp8"):
+    if (precision in QUANTISED) != bool(calibrated):
         raise InvalidInputError(
-            f"--precision {precision} runs an export calibrated by `vgrt calibrate`, which vgrt compose does not "
-            "open yet: run it with Composer.from_exports(ENCODERS_DIR, CALIBRATED_DIR) in Python"
+            f"--precision {precision} runs an export calibrated by `vgrt calibrate`: give its --out with --calibrated DIR"
+            if precision in QUANTISED
+            else f"--calibrated runs a quantised UNet, and --precision is {precision}: add --precision int8 (or fp8)"
         )
+    check_calibrated(calibrated or (), backend)
     device = device or ("cuda" if backend == "tensorrt" else "cpu")
     check_backend_device(backend, parse_device(device))
     runner_options = {}
-    if backend == "openvino":
+    if backend == "openvino" and precision not in QUANTISED:  # a quantised UNet runs OpenVINO's default
         from vgrt._lazy import require
         from vgrt.engines.openvino_runner import check_precision as check_cpu_supports
 
         check_cpu_supports(require("openvino").Core(), precision)
         runner_options["precision"] = precision
     return {
-        "device": device, "attention": attention or ATTENTION_ROUTES[0], "dtype": export_dtype(precision),
-        "runner_options": runner_options,
+        "device": device, "attention": attention or ATTENTION_ROUTES[0], "dtype": companion_dtype(precision, backend),
+        "runner_options": runner_options, "calibrated": tuple(calibrated or ()),
     }  # fmt: skip
 
 
@@ -144,10 +170,12 @@ def provenance(args: argparse.Namespace, request, composer) -> dict[str, str]:
         "vgrt.guidance_scale": str(request.guidance_scale),
         "vgrt.backend": composer.backend,
         "vgrt.device": str(composer.device),
-        "vgrt.precision": composer.runner_options.get("precision", composer.dtype),
+        "vgrt.precision": args.precision or composer.runner_options.get("precision", composer.dtype),
         "vgrt.preset": source.preset,
         "vgrt.weights": str(Path(source.weights).resolve()) if source.weights else f"random, seed {source.seed}",
     }
+    if source.adapters:
+        record["vgrt.adapters"] = ", ".join(str(Path(adapter).resolve()) for adapter in source.adapters)
     if composer.backend == "tensorrt":
         record["vgrt.attention"] = composer.attention
     if hasattr(request, "seed"):  # AIComposer starts from an inversion, not from seeded noise

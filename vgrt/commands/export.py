@@ -8,7 +8,7 @@ from vgrt.precision import PRECISIONS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vgrt.models.features import FEATURES
 
-    parser.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny)")
+    parser.add_argument("--preset", help="tiny, sd15, sd21 or sdxl (default: the --weights folder's own, else tiny)")
     parser.add_argument(
         "--components", default="unet", help="comma-separated components or 'all' (unet, vae_encoder, vae_decoder, "
         "text_encoder, text_encoder_2 for sdxl, image_encoder); default: unet",
@@ -31,19 +31,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="form of masked attention: vgrt::MaskedAttention node (default), ONNX Attention op, or MatMul/Softmax",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    parser.add_argument("--weights", help="local diffusers folder or .safetensors file with real weights")
+    parser.add_argument(
+        "--weights", help="local diffusers folder as published (its preset is read from its configs), or a "
+        ".safetensors file of the UNet alone (with --preset)",
+    )  # fmt: skip
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickled checkpoints (they can run code)")
+    parser.add_argument(
+        "--adapter", action="append", metavar="PATH",
+        help="adapter checkpoint as published (IP-Adapter, AIComposer's MLP, VCF's aligner), or a folder of them; repeatable",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from vgrt.export.exporter import ExportSettings, export
     from vgrt.export.manifest import read_manifest
+    from vgrt.models.source import ModelSource
     from vgrt.precision import export_dtype
 
     settings = ExportSettings(
-        preset=args.preset, components=args.components, features=args.features, opset=args.opset,
+        preset=ModelSource.from_options(args.preset, args.weights).preset, components=args.components, features=args.features, opset=args.opset,
         dtype=export_dtype(args.precision),
         attention_form=args.attention_form, seed=args.seed, weights=args.weights, allow_pickle=args.allow_pickle,
+        adapters=tuple(args.adapter or ()),
     )  # fmt: skip
     settings.validate()
     out = export(args.out, settings)

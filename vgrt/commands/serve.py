@@ -20,9 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument("--config", help="a Ray Serve config file (YAML) to run instead of the options below")
     parser.add_argument("--address", help="join this Ray cluster (e.g. auto) rather than start a local one")
+    parser.add_argument(
+        "--metrics-port", type=int,
+        help="Prometheus port of the local Ray node (Ray Serve's metrics and vgrt's ray_vgrt_stage_seconds at "
+        "/metrics; default: Ray's choice). With --address, give it to `ray start --metrics-export-port`",
+    )  # fmt: skip
     model = parser.add_argument_group("model (as `vgrt compose` takes it)")
-    model.add_argument("--preset", default="tiny", help="tiny, sd15, sd21 or sdxl (default: tiny, random weights)")
-    model.add_argument("--weights", help="local diffusers folder with real weights")
+    model.add_argument(
+        "--preset", help="tiny, sd15, sd21 or sdxl (default: the --weights folder's own, else tiny, random weights)"
+    )
+    model.add_argument("--weights", help="local diffusers folder as published; its preset is read from its configs")
     model.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -47,30 +54,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many (default 0: off)")
     scale.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (default: 1)")
     scale.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default: 0; 1 for tensorrt)")
-    scale.add_argument("--max-ongoing", type=int, default=2, help="requests one replica holds at once (default: 2)")
+    scale.add_argument(
+        "--max-ongoing", type=int, help="requests one replica holds at once (default: 2, or --max-batch if larger)"
+    )
     scale.add_argument("--max-queued", type=int, default=8, help="requests waiting for a replica; more get 503")
     scale.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets 408")
     scale.add_argument("--max-body-mb", type=float, default=32.0, help="request size limit in MiB (default: 32)")
     scale.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight requests get on shutdown")
+    batch = parser.add_argument_group("batching (off by default: on CPU it does not pay)")
+    batch.add_argument(
+        "--max-batch", type=int, default=1,
+        help="compose up to N requests together, merging their UNet calls where shapes allow (default: 1, off)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--batch-wait-ms", type=float, default=10.0,
+        help="how long a batch waits for more requests, and a UNet call for its batch's (default: 10)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from vgrt.engines import default_backend
+    from vgrt.errors import InvalidInputError
+    from vgrt.models.source import ModelSource
     from vgrt.serve.app import Scaling, build_app
     from vgrt.serve.service import ServeSettings
 
     if args.config:
         return _run_config(args.config)
     settings = ServeSettings(
-        preset=args.preset, weights=args.weights, backend=args.backend or default_backend(), device=args.device, attention=args.attention,
+        preset=ModelSource.from_options(args.preset, args.weights).preset, weights=args.weights, backend=args.backend or default_backend(), device=args.device, attention=args.attention,
         precision=args.precision, cache=args.cache, threads=args.threads,
         methods=tuple(name for name in args.methods.split(",") if name), warmup=args.warmup,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
     )  # fmt: skip
     scaling = Scaling(
         replicas=args.replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-        max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued, drain_timeout_s=args.drain_timeout,
+        max_ongoing_requests=args.max_ongoing or max(2, args.max_batch), max_queued_requests=args.max_queued,
+        drain_timeout_s=args.drain_timeout,
     )  # fmt: skip
+    if args.metrics_port and args.address:
+        raise InvalidInputError(
+            f"--metrics-port {args.metrics_port} sets the port of the Ray node vgrt serve starts, not of the cluster "
+            f"at --address {args.address}; give it to that node's `ray start --metrics-export-port` instead"
+        )
     app = build_app(settings, scaling)  # every setting is checked here, before Ray starts
     ray, serve = _start_ray(args)
     try:
@@ -90,7 +117,8 @@ def _start_ray(args: argparse.Namespace):
     from vgrt._lazy import require
 
     ray, serve = require("ray"), require("ray.serve")
-    ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    metrics = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
+    ray.init(address=args.address, include_dashboard=False, configure_logging=False, **metrics)
     http_options = {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout}
     serve.start(proxy_location="HeadOnly", http_options=http_options)
     return ray, serve

@@ -4,7 +4,8 @@
     unet = engines.runner("unet", "mutual")
 
 Artifacts come from the export cache (`ExportCache`: each component exported on first use into its own
-entry, the UNet one per feature set, so a method exports only what it runs) or from export folders made
+entry, the UNet one per feature set, so a method exports only what it runs; a UNet calibrated by
+`vgrt calibrate` runs in place of the UNet of its feature set) or from export folders made
 beforehand (`PrebuiltExports`: a deployment ships its exports, and for TensorRT their engines under
 `<export>/tensorrt/`, and runs without the exporter).
 
@@ -35,6 +36,7 @@ from vgrt.engines.base import Runner
 from vgrt.engines.tensorrt.settings import ATTENTION_ROUTES  # imports neither TensorRT nor Polygraphy
 from vgrt.engines.torch_runner import TorchRunner
 from vgrt.errors import ArtifactError, InvalidInputError, MissingDependencyError
+from vgrt.export.manifest import QUANTISED, Manifest, read_manifest
 from vgrt.models.features import parse_features
 from vgrt.models.source import ModelSource
 
@@ -54,20 +56,32 @@ OWN_SETTINGS = {
 @dataclass(frozen=True)
 class ExportCache:
     """Exports made on first use in the export cache (vgrt.export.cache), one entry per component and,
-    for the UNet, per feature set."""
+    for the UNet, per feature set; `calibrated`: quantised UNet exports (`vgrt calibrate --out`), each
+    used for the UNet of its feature set in place of an export (UNets of other feature sets, such as an
+    inversion's plain UNet, and the other components are exported in `dtype`)."""
 
     source: ModelSource
     dtype: str = "fp32"
     root: Path | None = None
     builds: bool = True  # TensorRT engines are built on first use too
+    calibrated: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_calibrated_unets", calibrated_unets(self.calibrated, self.source))
 
     def export(self, component: str, features: str) -> Path:
         from vgrt.export import cache
         from vgrt.export.exporter import ExportSettings
+        from vgrt.models.adapter_checkpoints import reads_adapters
 
+        if component == "unet" and self.calibrated:
+            found = self._calibrated_unets.get(parse_features(features))
+            if found is not None:
+                return found
         settings = ExportSettings(
             preset=self.source.preset, components=component, features=features, dtype=self.dtype,
             seed=self.source.seed, weights=self.source.weights, allow_pickle=self.source.allow_pickle,
+            adapters=self.source.adapters if self.source.adapters and reads_adapters(component, features) else (),
         )  # fmt: skip
         return cache.cached_export(settings, self.root)
 
@@ -122,9 +136,60 @@ class PrebuiltExports:
         )
 
 
+def check_calibrated(folders: Sequence[str | Path], backend: str) -> None:
+    """Refuse folders that are not quantised UNet exports, or that `backend` does not open (reads manifests only)."""
+    for folder in folders:
+        _quantised_unet(Path(folder)).check_backend(backend)
+
+
+def calibrated_unets(folders: Sequence[Path], source: ModelSource) -> dict[frozenset[str], Path]:
+    """{UNet feature set: folder} of quantised UNet exports of `source`'s model; anything else is refused."""
+    unets = {}
+    for folder in map(Path, folders):
+        manifest = _quantised_unet(folder)
+        made = manifest.data["source"]
+        if not _same_weights(manifest.data["preset"], made["seed"], made["weights"], source):
+            weights = made["weights"] or f"random, seed {made['seed']}"
+            raise InvalidInputError(
+                f"{str(folder)!r} quantises {manifest.data['preset']} ({weights}), not the model composed here "
+                f"({_model(source)}); calibrate this model, or compose the one it quantises"
+            )
+        features = frozenset(manifest.components["unet"].features)
+        if features in unets:
+            raise InvalidInputError(
+                f"{str(unets[features])!r} and {str(folder)!r} both quantise the UNet with features "
+                f"{', '.join(sorted(features)) or 'none'}; give one of them"
+            )
+        unets[features] = folder
+    return unets
+
+
+def _same_weights(preset: str, seed: int, weights: str | None, source: ModelSource) -> bool:
+    """Whether an export of `preset` with these weights (a folder, else seeded random ones) is `source`'s
+    model; a source without a preset takes its folder's."""
+    if source.preset is not None and source.preset != preset:
+        return False
+    if weights is None or source.weights is None:
+        return weights is None and source.weights is None and seed == source.seed
+    return Path(weights).resolve() == Path(source.weights).resolve()
+
+
+def _quantised_unet(folder: Path) -> Manifest:
+    manifest = read_manifest(folder)
+    if manifest.precision not in QUANTISED or "unet" not in manifest.components:
+        raise InvalidInputError(
+            f"{str(folder)!r} is an {manifest.precision} export of {', '.join(manifest.components)}, not a quantised "
+            "UNet; give the --out folder of `vgrt calibrate`"
+        )
+    return manifest
+
+
 def _describe(source: ModelSource, dtype: str) -> str:
-    weights = source.weights or f"random, seed {source.seed}"
-    return f"{source.preset} ({weights}) in {dtype}"
+    return f"{_model(source)} in {dtype}"
+
+
+def _model(source: ModelSource) -> str:
+    return f"{source.preset} ({source.weights or f'random, seed {source.seed}'})"
 
 
 def _held(name: str, entry: dict[str, Any]) -> str:
@@ -203,6 +268,7 @@ class EngineSet:
             raise InvalidInputError(f"runner setting {owned[0]!r} is not taken per runner: {OWN_SETTINGS[owned[0]]}")
         if self.runner_options:
             check_settings(self.backend, self.runner_options)
+        check_calibrated(getattr(self.artifacts, "calibrated", ()), self.backend)
         check_backend_device(self.backend, self.device)
         if self.backend == "onnxruntime":
             _check_provider(self.runner_options.get("provider"), self.device)

@@ -2,9 +2,10 @@
 
 The key covers the export settings (preset, components, features, dtype, opset, attention form, seed),
 the weights (path, size and modification time of every file under it: a changed file gives a new
-key without hashing gigabytes on every start), the versions of vgrt, torch and onnx, and the versions of
-graph passes that may change within a vgrt release (vgrt.export.group_norm). A composer exports each
-component into its own entry (vgrt.engines.engine_set), so a method exports only what it runs. Each
+key without hashing gigabytes on every start), the same of the adapter checkpoints and the image encoder
+folders published beside them, the versions of vgrt, torch and onnx, and the versions of graph passes
+that may change within a vgrt release (vgrt.export.group_norm). A composer exports each component into
+its own entry (vgrt.engines.engine_set), so a method exports only what it runs. Each
 entry has a lock (vgrt.export.staging): a process that needs an entry another one is exporting waits for
 it and reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
 damaged one is reported in one line and exported again, and what a killed export left is removed. Each
@@ -29,6 +30,7 @@ from vgrt.export.blobs import STORE, share_weights
 from vgrt.export.exporter import ExportSettings, write_export
 from vgrt.export.manifest import read_manifest
 from vgrt.export.staging import clean_interrupted, describe_os_error, discard_directory, sweep_interrupted, target_lock
+from vgrt.models.adapter_checkpoints import adapter_inputs
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,17 @@ def cache_key(settings: ExportSettings) -> str:
 
     import vgrt
 
+    fields = dataclasses.asdict(settings)
+    if not settings.adapters:
+        del fields["adapters"]  # exports without adapters keep the keys they had before adapters existed
     identity = {
-        "settings": dataclasses.asdict(settings),
+        "settings": fields,
         "weights": weights_fingerprint(settings.weights),
         "versions": [vgrt.__version__, torch.__version__, _installed_version("onnx")],
         "passes": {"group_norm": group_norm.PASS_VERSION},  # a changed pass makes new exports under one vgrt version
     }
+    if settings.adapters:  # what the adapters read: their files, and the image encoder folders published with them
+        identity["adapters"] = [weights_fingerprint(str(path)) for path in adapter_inputs(settings.adapters)]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

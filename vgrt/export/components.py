@@ -1,7 +1,7 @@
 """Every exportable component of a preset: how its module is built and what its export spec is."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -19,7 +19,7 @@ from vgrt.export.encoder_specs import (
     vae_encoder_spec,
 )  # fmt: skip
 from vgrt.export.spec import ComponentSpec, unet_spec
-from vgrt.models.presets import Preset, get_preset, vision_tokens
+from vgrt.models.presets import Preset, vision_tokens
 from vgrt.models.source import ModelSource
 
 COMPONENTS = (
@@ -78,7 +78,7 @@ def build_component(name: str, source: ModelSource, features: frozenset[str], dt
     from vgrt.models import encoders
     from vgrt.models.unet import build_unet
 
-    preset = get_preset(source.preset)
+    preset = source.model_preset()
     if name == "unet":
         unet = build_unet(source, features)
         return BuiltComponent(
@@ -114,8 +114,12 @@ def _text(source: ModelSource, preset: Preset, folder: str, config: dict, dtype:
 
 
 def _image(source: ModelSource, preset: Preset, dtype: str) -> BuiltComponent:
+    from vgrt.models.adapter_checkpoints import IMAGE_ENCODER, source_adapters, supplier
     from vgrt.models.encoders import ImageEncoder
 
+    adapter = supplier(source_adapters(source), IMAGE_ENCODER)
+    if adapter is not None:  # the image_encoder/ folder published with the adapter, a transformers folder
+        source = replace(source, weights=str(adapter.image_encoder), adapters=())
     model, config = _clip(source, "image_encoder", preset.image_encoder, vision=True, projected=True)
     return BuiltComponent(
         "image_encoder", ImageEncoder(model).eval(), image_encoder_spec(preset, config, dtype), "image_encoder"
@@ -123,28 +127,30 @@ def _image(source: ModelSource, preset: Preset, dtype: str) -> BuiltComponent:
 
 
 def _adapter(source: ModelSource, preset: Preset, name: str, dtype: str) -> BuiltComponent:
-    from vgrt.models import adapters
+    """An adapter's module, with weights from the adapter checkpoint that supplies it, else from the
+    weights folder (`<name>/model.safetensors`), else from the seed."""
+    from vgrt.models.adapter_checkpoints import image_encoder_config, load_adapter_weights, source_adapters
+    from vgrt.models.adapters import build_adapter
 
-    image = preset.image_encoder
+    image = image_encoder_config(source, preset)
     source.seed_torch(name)
+    module = build_adapter(name, preset.context_dim, image)
+    if not load_adapter_weights(module, name, source_adapters(source), source.allow_pickle):
+        source.load_into(module, name)
+    return BuiltComponent(name, module.eval(), _adapter_spec(name, preset, image, dtype), name)
+
+
+def _adapter_spec(name: str, preset: Preset, image: dict, dtype: str) -> ComponentSpec:
+    from vgrt.models.adapters import IP_TOKENS, OBJECT_TOKENS
+
     if name == "image_proj":
-        module = adapters.ImageProjection(image["projection_dim"], preset.context_dim)
-        spec = image_proj_spec(preset, image["projection_dim"], module.num_tokens, dtype)
-    elif name == "fusion_mlp":
-        tokens = 2 * adapters.IP_TOKENS  # cond and uncond tokens, fused together as in the code
-        module, spec = adapters.FusionMLP(tokens, preset.context_dim), fusion_mlp_spec(preset, tokens, dtype)
-    elif name == "layout_adapter":  # the paper's linear adapter on the global embedding: IP-Adapter's projection form
-        module = adapters.ImageProjection(image["projection_dim"], preset.context_dim, adapters.OBJECT_TOKENS)
-        spec = layout_adapter_spec(preset, image["projection_dim"], adapters.OBJECT_TOKENS, dtype)
-    elif name == "appearance_adapter":
-        module = adapters.PerceiverResampler(image["hidden_size"], preset.context_dim)
-        tokens = vision_tokens(image)
-        spec = appearance_adapter_spec(preset, image["hidden_size"], tokens, adapters.OBJECT_TOKENS, dtype)
-    elif name == "aligner":
-        module = adapters.ImageToTextAligner(image["hidden_size"], preset.context_dim)
-        spec = aligner_spec(preset, image["hidden_size"], vision_tokens(image), dtype)
-    else:
-        module = adapters.AppearanceNet(image["hidden_size"], preset.context_dim)
-        spec = appearance_net_spec(preset, image["hidden_size"], dtype)
-    source.load_into(module, name)
-    return BuiltComponent(name, module.eval(), spec, name)
+        return image_proj_spec(preset, image["projection_dim"], IP_TOKENS, dtype)
+    if name == "fusion_mlp":
+        return fusion_mlp_spec(preset, 2 * IP_TOKENS, dtype)
+    if name == "layout_adapter":
+        return layout_adapter_spec(preset, image["projection_dim"], OBJECT_TOKENS, dtype)
+    if name == "appearance_adapter":
+        return appearance_adapter_spec(preset, image["hidden_size"], vision_tokens(image), OBJECT_TOKENS, dtype)
+    if name == "aligner":
+        return aligner_spec(preset, image["hidden_size"], vision_tokens(image), dtype)
+    return appearance_net_spec(preset, image["hidden_size"], dtype)

@@ -31,8 +31,8 @@ from vgrt.export.spec import ComponentSpec
 from vgrt.export.staging import atomic_directory, claimed_target
 from vgrt.export.verify import FileStamp, remember, stamp_file
 from vgrt.library_noise import torch_onnx_warnings_translated
+from vgrt.models.adapter_checkpoints import check_source_adapters
 from vgrt.models.features import features_text, parse_features
-from vgrt.models.presets import get_preset
 from vgrt.models.source import ModelSource
 from vgrt.models.weights import model_sha256
 from vgrt.plugins.masked_attention.onnx_form import ATTENTION_OP_MIN_OPSET
@@ -60,6 +60,7 @@ class ExportSettings:
         seed: seed of the random weights when no weights path is given.
         weights: local diffusers folder or .safetensors file with real UNet weights.
         allow_pickle: also accept pickled checkpoints (they can run code when loaded).
+        adapters: adapter checkpoints as their authors publish them (vgrt.models.adapter_checkpoints).
     """
 
     preset: str = "tiny"
@@ -71,10 +72,11 @@ class ExportSettings:
     seed: int = 0
     weights: str | None = None
     allow_pickle: bool = False
+    adapters: tuple[str, ...] = ()
 
     def validate(self) -> tuple[frozenset[str], tuple[str, ...]]:
         """The parsed features and components; raises on any bad setting before work starts."""
-        preset = get_preset(self.preset)
+        preset = ModelSource(self.preset, self.seed, self.weights, self.allow_pickle).model_preset()
         components = parse_components(self.components, preset)
         if self.dtype not in DTYPES:
             raise InvalidInputError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
@@ -91,6 +93,9 @@ class ExportSettings:
             )
         if self.weights and not Path(self.weights).exists():
             raise InvalidInputError(f"weights path {self.weights!r} does not exist")
+        if self.adapters:  # adapters that do not fit the base model, refused from their shapes
+            source = ModelSource(self.preset, self.seed, self.weights, self.allow_pickle, self.adapters)
+            check_source_adapters(source, preset)
         return parse_features(self.features), components
 
 
@@ -156,7 +161,7 @@ def write_export(out: Path, settings: ExportSettings) -> Path:
     """Write the export of `settings` to `out`, replacing it; the caller holds `target_lock(out)` and
     has checked that `out` may be replaced."""
     features, components = settings.validate()
-    source = ModelSource(settings.preset, settings.seed, settings.weights, settings.allow_pickle)
+    source = ModelSource(settings.preset, settings.seed, settings.weights, settings.allow_pickle, settings.adapters)
     started = time.perf_counter()
     entries, stamps = {}, {}
     with atomic_directory(out) as staging:
@@ -173,7 +178,12 @@ def write_export(out: Path, settings: ExportSettings) -> Path:
             staging,
             {
                 "preset": settings.preset,
-                "source": {"seed": settings.seed, "weights": settings.weights, "allow_pickle": settings.allow_pickle},
+                "source": {
+                    "seed": settings.seed,
+                    "weights": settings.weights,
+                    "allow_pickle": settings.allow_pickle,
+                    "adapters": list(settings.adapters),
+                },
                 "settings": {
                     "opset": settings.opset,
                     "dtype": settings.dtype,

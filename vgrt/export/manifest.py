@@ -19,7 +19,8 @@ from vgrt.export.verify import RECORD, verify_files
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: each component lists every file it reads, with size and sha256
 DTYPES = ("fp32", "fp16")
-PRECISIONS = (*DTYPES, "int8")  # what the weights and products are; int8 exports keep fp32 inputs and outputs
+QUANTISED = ("int8", "fp8")  # calibrated exports (vgrt.calibration): inputs and outputs stay settings.dtype
+PRECISIONS = (*DTYPES, *QUANTISED)  # what the weights and products are
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ _QUANTIZATION = {
     "calibration": {"directory": str, "samples": int},
 }  # fmt: skip
 _SCHEMA = {
-    "format_version": int, "preset": str, "source": {"seed": int, "weights": str | None, "allow_pickle": bool},
+    "format_version": int, "preset": str, "source": {"seed": int, "weights": str | None, "allow_pickle": bool, "adapters": _Maybe([str])},
     "settings": {"opset": int, "dtype": str, "attention_form": str}, "components": _MapOf(_COMPONENT),
     "versions": _Maybe(_MapOf(str)), "precision": _Maybe(str), "quantization": _Maybe(_QUANTIZATION),
 }  # fmt: skip
@@ -84,7 +85,7 @@ class Manifest:
 
     @property
     def precision(self) -> str:
-        """'fp32', 'fp16' or 'int8' (a quantised export; its inputs and outputs stay settings.dtype)."""
+        """'fp32', 'fp16', or 'int8' or 'fp8' (a quantised export; its inputs and outputs stay settings.dtype)."""
         return self.data.get("precision", self.data["settings"]["dtype"])
 
     def check_backend(self, backend: str) -> None:
@@ -205,8 +206,9 @@ def _check_values(data: dict[str, Any], path: Path) -> None:
         _refuse(path, ".settings.dtype", data["settings"]["dtype"], " or ".join(map(repr, DTYPES)))
     if data.get("precision", data["settings"]["dtype"]) not in PRECISIONS:
         _refuse(path, ".precision", data["precision"], " or ".join(map(repr, PRECISIONS)))
-    if ("quantization" in data) != (data.get("precision") == "int8"):
-        _refuse(path, ".quantization", data.get("quantization", _MISSING), "present exactly when precision is 'int8'")
+    if ("quantization" in data) != (data.get("precision") in QUANTISED):
+        expected = "present exactly when precision is 'int8' or 'fp8'"
+        _refuse(path, ".quantization", data.get("quantization", _MISSING), expected)
     for name, component in data["components"].items():
         for file in (component["file"], *component["files"]):
             if file in ("", ".", "..") or "/" in file or "\\" in file:

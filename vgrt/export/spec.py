@@ -11,7 +11,7 @@ import numpy as np
 
 from vgrt.errors import InvalidInputError
 from vgrt.models.features import FEATURES, GATED
-from vgrt.models.presets import Preset, Range
+from vgrt.models.presets import Preset, Range, pooled_text_dim
 
 # An int is a fixed size; a str names a dynamic dimension of the spec ("height"), or, in outputs only,
 # a multiple or fraction of one ("height*8", "height/8").
@@ -255,7 +255,7 @@ def unet_spec(
     ]
     if preset.is_sdxl:
         inputs += [
-            TensorSpec("text_embeds", dtype, ("batch", 1280), "pooled text embedding (SDXL)"),
+            TensorSpec("text_embeds", dtype, ("batch", pooled_text_dim(config)), "pooled text embedding (SDXL)"),
             TensorSpec("time_ids", dtype, ("batch", 6), "original size, crop, target size (SDXL)"),
         ]
     f = features

@@ -1,12 +1,17 @@
 """Small trained adapters that turn CLIP image features into UNet tokens.
 
-Their weights load from safetensors (a `<adapter>/model.safetensors` in the weights folder); presets
-give seeded random weights, fine for parity and speed, meaningless for images.
+Their weights load from the checkpoints their authors publish (vgrt.models.adapter_checkpoints), or from
+safetensors in vgrt's names (a `<adapter>/model.safetensors` in the weights folder); presets give seeded
+random weights, fine for parity and speed, meaningless for images.
 """
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vgrt.errors import InvalidInputError
 
 IP_TOKENS = 4  # tokens per image of IP-Adapter (SD 1.5 and SDXL base adapters)
 
@@ -132,3 +137,21 @@ class _ResamplerLayer(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         latents = latents + self.to_out(attended)
         return latents + self.feed_forward(latents)
+
+
+def build_adapter(name: str, context_dim: int, image: dict[str, Any]) -> nn.Module:
+    """The module of adapter component `name` (random weights) for a UNet of `context_dim` and a CLIP
+    image tower of config `image`."""
+    if name == "image_proj":
+        return ImageProjection(image["projection_dim"], context_dim)
+    if name == "fusion_mlp":
+        return FusionMLP(2 * IP_TOKENS, context_dim)  # cond and uncond tokens, fused together as in the code
+    if name == "layout_adapter":  # the paper's linear adapter on the global embedding: IP-Adapter's projection form
+        return ImageProjection(image["projection_dim"], context_dim, OBJECT_TOKENS)
+    if name == "appearance_adapter":
+        return PerceiverResampler(image["hidden_size"], context_dim)
+    if name == "aligner":
+        return ImageToTextAligner(image["hidden_size"], context_dim)
+    if name == "appearance_net":
+        return AppearanceNet(image["hidden_size"], context_dim)
+    raise InvalidInputError(f"no adapter called {name!r}")

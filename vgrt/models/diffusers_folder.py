@@ -10,35 +10,43 @@ and end tokens at the ids the preset's text encoder reserves for them.
 import json
 from pathlib import Path
 
-from vgrt.errors import InvalidInputError
-from vgrt.models.presets import get_preset
 from vgrt.models.source import ModelSource
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 
 
-def write_diffusers_folder(source: ModelSource, folder: str | Path) -> Path:
-    """`source`'s UNet, VAE, text encoder, tokenizer and DDIM scheduler as a StableDiffusionPipeline folder.
+def write_diffusers_folder(
+    source: ModelSource, folder: str | Path, variant: str | None = None, max_shard_size: str | None = None
+) -> Path:
+    """`source`'s UNet, VAE, text encoder(s), tokenizer(s) and DDIM scheduler as a StableDiffusionPipeline
+    folder, or a StableDiffusionXLPipeline one for an SDXL-shaped preset, in the layout published models have.
 
-    SD 1.x and 2.x layouts only (SDXL has a second text encoder this writer does not make).
+    `variant` ('fp16') writes the weights in fp16 under the variant's file names, as published fp16 variants
+    are; `max_shard_size` (e.g. '200KB') shards them with an index file, as large published models are.
     """
-    from diffusers import DDIMScheduler
+    import torch
 
     from vgrt.export.components import build_component
     from vgrt.models.unet import build_unet
     from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
-    preset = get_preset(source.preset)
-    if preset.is_sdxl:
-        raise InvalidInputError(f"preset {preset.name!r} is SDXL; this writer makes SD 1.x/2.x folders only")
+    preset = source.model_preset()
     folder = Path(folder)
-    build_unet(source, frozenset()).unet.save_pretrained(folder / "unet")
-    build_component("vae_decoder", source, frozenset(), "fp32").module.vae.save_pretrained(folder / "vae")
-    build_component("text_encoder", source, frozenset(), "fp32").module.model.save_pretrained(folder / "text_encoder")
-    scheduler: DDIMScheduler = build_scheduler("ddim", SchedulerSettings.for_preset(preset))
-    scheduler.save_pretrained(folder / "scheduler")
+    models = {
+        "unet": build_unet(source, frozenset()).unet,
+        "vae": build_component("vae_decoder", source, frozenset(), "fp32").module.vae,
+        "text_encoder": build_component("text_encoder", source, frozenset(), "fp32").module.model,
+    }
+    if preset.is_sdxl:
+        models["text_encoder_2"] = build_component("text_encoder_2", source, frozenset(), "fp32").module.model
+    options = {"variant": variant} | ({"max_shard_size": max_shard_size} if max_shard_size else {})
+    for name, model in models.items():
+        (model.to(torch.float16) if variant == "fp16" else model).save_pretrained(folder / name, **options)
+    build_scheduler("ddim", SchedulerSettings.for_preset(preset)).save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder / "tokenizer", preset.text_encoder)
-    (folder / "model_index.json").write_text(json.dumps(_model_index(), indent=1))
+    if preset.is_sdxl:
+        write_clip_tokenizer(folder / "tokenizer_2", preset.text_encoder_2)
+    (folder / "model_index.json").write_text(json.dumps(_model_index(preset.is_sdxl), indent=1))
     return folder
 
 
@@ -77,19 +85,28 @@ def byte_alphabet() -> list[str]:
     return symbols
 
 
-def _model_index() -> dict:
+def _model_index(sdxl: bool) -> dict:
     from diffusers import __version__
 
-    return {
-        "_class_name": "StableDiffusionPipeline",
+    common = {
         "_diffusers_version": __version__,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if sdxl:
+        return common | {
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
+    return common | {
+        "_class_name": "StableDiffusionPipeline",
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
     }

@@ -50,6 +50,34 @@ class TextEncoder(nn.Module):
         return out.last_hidden_state, out.hidden_states[-2], pooled
 
 
+@torch.no_grad()
+def positionless_states(encoder: TextEncoder, token: int) -> dict[str, torch.Tensor]:
+    """The outputs of `encoder` (named as its export's) for a full-length sequence of `token` encoded without
+    position embeddings, as AIComposer's exceptional-prompt encoders (`CLIPTextInv*`) compute it.
+
+    Every position then encodes alike (causal attention over equal tokens returns their common value, and
+    the rest works per token), so one token's pass through the layers, with attention reduced to its value
+    projection, gives them all; it is expanded to the sequence length."""
+    model = encoder.model
+    text = getattr(model, "text_model", model)  # transformers 5's CLIPTextModel is its text transformer
+    device = text.embeddings.token_embedding.weight.device
+    hidden = text.embeddings.token_embedding(torch.tensor([[token]], device=device))
+    states = [hidden]
+    for layer in text.encoder.layers:
+        attention = layer.self_attn
+        hidden = hidden + attention.out_proj(attention.v_proj(layer.layer_norm1(hidden)))
+        hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        states.append(hidden)
+    last = text.final_layer_norm(hidden)
+    pooled = model.text_projection(last[:, 0]) if hasattr(model, "text_projection") else last[:, 0]
+    length = model.config.max_position_embeddings
+    return {
+        "last_hidden_state": last.expand(-1, length, -1),
+        "penultimate_hidden_state": states[-2].expand(-1, length, -1),
+        "pooled": pooled,
+    }
+
+
 class ImageEncoder(nn.Module):
     """pixel_values [B, 3, S, S] (CLIP-normalized) -> projected image_embeds [B, P] and the
     penultimate layer's tokens [B, 1 + patches, D] (IP-Adapter Plus and VCF read those)."""

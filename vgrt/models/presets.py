@@ -1,4 +1,5 @@
-"""Model presets: the real Stable Diffusion architectures, and a tiny one for tests.
+"""Model presets: the real Stable Diffusion architectures, and tiny ones for tests (tiny: SD 1.x-shaped,
+tiny-sdxl: SDXL-shaped).
 
 A preset names the configs of every component (UNet, VAE, text encoder, CLIP image encoder) in the
 argument names of the diffusers and transformers classes that build them, and the shape ranges an
@@ -60,6 +61,9 @@ class Preset:
     text_encoder_2: dict[str, Any] | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # SDXL pipelines' model_index.json setting: with no negative prompt, the unconditional half of guidance
+    # is zeros (text context and pooled embedding) rather than the empty prompt's encoding.
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def latent_factor(self) -> int:
@@ -78,6 +82,12 @@ class Preset:
     @property
     def is_sdxl(self) -> bool:
         return self.unet.get("addition_embed_type") == "text_time"
+
+
+def pooled_text_dim(unet: dict[str, Any]) -> int:
+    """Width of the pooled text embedding (`text_embeds`) an SDXL UNet with this config takes: what its
+    added-condition projection reads besides the six embedded `time_ids`."""
+    return int(unet["projection_class_embeddings_input_dim"]) - 6 * int(unet["addition_time_embed_dim"])
 
 
 def vision_tokens(config: dict[str, Any]) -> int:
@@ -125,6 +135,46 @@ _VIT_H_IMAGE = {
     "hidden_act": "gelu",
 }
 
+# OpenCLIP ViT-bigG/14 vision tower: the image encoder of IP-Adapter SDXL (`sdxl_models/image_encoder`, 1280-d
+# embeds), which AIComposer's released code projects into its image tokens.
+_VIT_BIGG_IMAGE = {
+    "hidden_size": 1664,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 16,
+    "intermediate_size": 8192,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+
+_TINY_IMAGE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+    "hidden_act": "gelu",
+}
+
+_TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (16, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+}
+
+_TINY_TOKENS = {"vocab_size": 1000, "bos_token_id": 998, "eos_token_id": 999, "pad_token_id": 999}
+_TINY_PROFILE = ShapeProfile(batch=Range(1, 2, 8), latent=Range(8, 16, 32), context=Range(1, 77, 334))
+
 _SD15_UNET = {
     "sample_size": 64,
     "in_channels": 4,
@@ -154,33 +204,11 @@ PRESETS: dict[str, Preset] = {
             "attention_head_dim": 4,
             "norm_num_groups": 8,
         },
-        vae={
-            "in_channels": 3,
-            "out_channels": 3,
-            "latent_channels": 4,
-            "block_out_channels": (16, 32),
-            "down_block_types": ("DownEncoderBlock2D",) * 2,
-            "up_block_types": ("UpDecoderBlock2D",) * 2,
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-            "sample_size": 32,
-            "scaling_factor": 0.18215,
-        },
-        text_encoder=_clip_text(
-            32, 2, 2, 64, "quick_gelu", vocab_size=1000, bos_token_id=998, eos_token_id=999, pad_token_id=999
-        ),
-        image_encoder={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "image_size": 32,
-            "patch_size": 8,
-            "projection_dim": 32,
-            "hidden_act": "gelu",
-        },
+        vae=_TINY_VAE,
+        text_encoder=_clip_text(32, 2, 2, 64, "quick_gelu", **_TINY_TOKENS),
+        image_encoder=_TINY_IMAGE,
         prediction_type="epsilon",
-        profile=ShapeProfile(batch=Range(1, 2, 8), latent=Range(8, 16, 32), context=Range(1, 77, 334)),
+        profile=_TINY_PROFILE,
     ),
     "sd15": Preset(
         name="sd15",
@@ -232,9 +260,39 @@ PRESETS: dict[str, Preset] = {
         vae=_sd_vae(0.13025, 1024),
         text_encoder=_clip_text(768, 12, 12, 3072, "quick_gelu"),
         text_encoder_2=_clip_text(1280, 32, 20, 5120, "gelu", projection_dim=1280),
-        image_encoder=_VIT_H_IMAGE,
+        image_encoder=_VIT_BIGG_IMAGE,
         prediction_type="epsilon",
         profile=ShapeProfile(batch=Range(1, 2, 8), latent=Range(64, 128, 160), context=Range(77, 77, 154)),
+        force_zeros_for_empty_prompt=True,
+    ),
+    "tiny-sdxl": Preset(
+        name="tiny-sdxl",
+        description="SDXL-shaped tiny model for tests: two text encoders (the second projected), text_time added "
+        "conditioning, a first level without attention; every width differs so a mixed-up one shows",
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2),
+            "attention_head_dim": (2, 4),
+            "cross_attention_dim": 80,  # 32 + 48: both encoders' penultimate states, concatenated
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 88,  # pooled 40 + 6 time ids x 8
+            "norm_num_groups": 8,
+        },
+        vae=_TINY_VAE,
+        text_encoder=_clip_text(32, 2, 2, 64, "quick_gelu", **_TINY_TOKENS),
+        text_encoder_2=_clip_text(48, 2, 2, 96, "gelu", projection_dim=40, **_TINY_TOKENS),
+        image_encoder=_TINY_IMAGE,
+        prediction_type="epsilon",
+        profile=_TINY_PROFILE,
+        force_zeros_for_empty_prompt=True,
     ),
 }
 

@@ -74,6 +74,8 @@ class CrossAttentionProcessor(_ConditionedProcessor):
 
     The extra tokens have their own K/V projections and softmax (decoupled cross-attention as in
     IP-Adapter); their output is added times a per-query gate and the block's `layer_gates` scale.
+    `to_k_extra` / `to_v_extra` are IP-Adapter's `to_k_ip` / `to_v_ip` (loaded from its checkpoint by
+    vgrt.models.adapter_checkpoints); its `scale` is the `layer_gates` extra column, its masks the gate.
     Keys may come from a different token set than values (kv_source), tokens may be restricted to
     regions (regions), and each region's attention share may be reported (probes).
     """

@@ -15,7 +15,9 @@ def module_from_manifest(manifest, component: str = "unet") -> tuple[torch.nn.Mo
 
     entry = manifest.component(component)
     source = manifest.data["source"]
-    model_source = ModelSource(manifest.data["preset"], source["seed"], source["weights"], source["allow_pickle"])
+    model_source = ModelSource(
+        manifest.data["preset"], source["seed"], source["weights"], source["allow_pickle"], source.get("adapters", ())
+    )
     dtype = manifest.data["settings"]["dtype"]
     module = build_component(component, model_source, frozenset(entry.features), entry.spec.inputs[0].dtype).module
     if model_sha256(module) != manifest.data["components"][component]["model_sha256"]:

@@ -6,7 +6,7 @@ lexicographically first pair, ids follow sorted symbols then merge order), so ev
 same ids: `tokenizers`' trainer numbers symbols in hash-map order, which differs from process to
 process even with PYTHONHASHSEED fixed. Encoding is `tokenizers`' BPE over the trained merges. The
 contract is CLIP's: lower-cased text, start token, tokens, end token, padded to the text encoder's length.
-Real weights folders bring `tokenizer/`.
+Real weights folders bring `tokenizer/` (a single-file checkpoint, which holds none, finds it beside itself).
 """
 
 import logging
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vgrt.errors import WeightsError
-from vgrt.models.presets import get_preset
+from vgrt.models.single_file import is_original_checkpoint
 from vgrt.models.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -52,15 +52,19 @@ class PromptTokenizer:
 
 def load_tokenizer(source: ModelSource, folder: str = "tokenizer", encoder: str = "text_encoder") -> PromptTokenizer:
     """The tokenizer of `source`: `<weights>/<folder>/` (vocab.json + merges.txt) or a trained preset one."""
-    preset = get_preset(source.preset)
-    config = getattr(preset, encoder) or {}
-    if source.weights and Path(source.weights).is_dir():
-        local = Path(source.weights) / folder
+    config = getattr(source.model_preset(), encoder) or {}
+    home = _tokenizer_home(source)
+    if home is not None:
+        local = home / folder
         if not (local / "vocab.json").is_file() or not (local / "merges.txt").is_file():
-            raise WeightsError(f"{str(local)!r} needs vocab.json and merges.txt (CLIP's tokenizer files)")
+            raise WeightsError(
+                f"{str(local)!r} needs vocab.json and merges.txt (CLIP's tokenizer files): copy {folder}/ from the "
+                "model's diffusers folder as published"
+            )
         from transformers import CLIPTokenizer
 
-        clip = CLIPTokenizer(str(local / "vocab.json"), str(local / "merges.txt"))
+        # from the folder's configs too: SDXL's tokenizer_2 pads with "!", not with the end token
+        clip = CLIPTokenizer.from_pretrained(str(local), local_files_only=True)
         encode = lambda text: clip(text, add_special_tokens=False)["input_ids"]
         return PromptTokenizer(
             encode, clip.bos_token_id, clip.eos_token_id, clip.pad_token_id, config["max_position_embeddings"]
@@ -75,6 +79,16 @@ def load_tokenizer(source: ModelSource, folder: str = "tokenizer", encoder: str 
         config.get("pad_token_id", end),
         config["max_position_embeddings"],
     )
+
+
+def _tokenizer_home(source: ModelSource) -> Path | None:
+    """Where the tokenizer folders are: the weights folder, or a single-file checkpoint's folder (the file
+    holds no tokenizer); None for presets and UNet-only files, which use the preset's."""
+    if not source.weights:
+        return None
+    if Path(source.weights).is_dir():
+        return Path(source.weights)
+    return Path(source.weights).parent if is_original_checkpoint(source.weights) else None
 
 
 @cache

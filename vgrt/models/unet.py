@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from vgrt.models.conditioning import Conditioning
-from vgrt.models.presets import Preset, get_preset
+from vgrt.models.presets import Preset
 from vgrt.models.processors import CrossAttentionProcessor, SelfAttentionProcessor
 from vgrt.models.source import ModelSource
 
@@ -113,12 +113,28 @@ class ConditionedUNet(nn.Module):
         return noise_pred, torch.stack(probe_maps).mean(dim=0)
 
 
-def build_unet(source: ModelSource, features: frozenset[str]) -> ConditionedUNet:
-    """The conditioned UNet of `source`, in eval mode, fp32, on the CPU."""
-    preset = get_preset(source.preset)
+def unet_config(source: ModelSource, preset: Preset) -> dict:
+    """The UNet's config: the weights folder's, else the preset's."""
     folder_config = source.folder_config("unet")
-    config = {k: v for k, v in folder_config.items() if not k.startswith("_")} if folder_config else preset.unet
+    return {k: v for k, v in folder_config.items() if not k.startswith("_")} if folder_config else preset.unet
+
+
+def attention_processors(unet: UNet2DConditionModel) -> nn.ModuleList:
+    """The UNet's attention processors in diffusers' order, self-attention included: the list IP-Adapter
+    indexes its per-layer weights by (`ip_adapter.<i>.to_k_ip.weight` is `to_k_extra` of entry i)."""
+    return nn.ModuleList(unet.attn_processors.values())
+
+
+def build_unet(source: ModelSource, features: frozenset[str]) -> ConditionedUNet:
+    """The conditioned UNet of `source`, in eval mode, fp32, on the CPU; the extra-token projections come
+    from an adapter checkpoint (IP-Adapter) when the source has one, else from the seed."""
+    from vgrt.models.adapter_checkpoints import UNET, load_adapter_weights, source_adapters
+
+    preset = source.model_preset()
     source.seed_torch("unet")
-    unet = UNet2DConditionModel(**config)
+    unet = UNet2DConditionModel(**unet_config(source, preset))
     source.load_into(unet, "unet")
-    return ConditionedUNet(unet, preset, features, source.seed).eval()
+    conditioned = ConditionedUNet(unet, preset, features, source.seed).eval()
+    if "extra_tokens" in features:
+        load_adapter_weights(attention_processors(unet), UNET, source_adapters(source), source.allow_pickle)
+    return conditioned

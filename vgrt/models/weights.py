@@ -10,33 +10,90 @@ from vgrt.errors import WeightsError
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 # diffusers components, then transformers components (text and image encoders)
-_WEIGHT_FILES = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
+_STEMS = ("diffusion_pytorch_model", "model")
+_PICKLED_FILES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+EXPECTED_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors (transformers components: model.safetensors), its fp16 variant "
+    "(diffusion_pytorch_model.fp16.safetensors), or shards with their index "
+    "(diffusion_pytorch_model.safetensors.index.json), as save_pretrained writes them"
 )
 
 
-def find_component_weights(path: Path, component: str) -> tuple[Path, dict | None]:
-    """The weights file (and config, if any) of `component` under a diffusers folder, or a single file.
+def find_component_weights(path: Path, component: str) -> tuple[list[Path], dict | None]:
+    """The weights files (one, or a sharded set) and config, if any, of `component` under a diffusers folder.
 
-    Accepts the model folder (`path/unet/...`), the component folder itself, or a weights file.
+    Accepts the model folder (`path/unet/...`), the component folder itself, or a weights file. Full
+    precision is preferred to the fp16 variant, and safetensors to pickled files.
     """
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights path {str(path)!r} does not exist; give a diffusers folder or a .safetensors file")
     if path.is_file():
-        return path, None
+        return [path], None
     for folder in (path / component, path):
-        for name in _WEIGHT_FILES:
-            if (folder / name).is_file():
-                config = folder / "config.json"
-                return folder / name, json.loads(config.read_text()) if config.is_file() else None
+        files = component_weight_files(folder)
+        if files:
+            config = folder / "config.json"
+            return files, json.loads(config.read_text()) if config.is_file() else None
     raise WeightsError(
-        f"no {component} weights under {str(path)!r}: expected {component}/{_WEIGHT_FILES[0]} or "
-        f"{component}/{_WEIGHT_FILES[1]} (diffusers layout), or one of them in the folder itself"
+        f"no {component} weights under {str(path)!r}{_found(path / component)}: expected {component}/ to hold "
+        f"{EXPECTED_WEIGHTS} (diffusers layout), or one of them in the folder itself"
     )
+
+
+def component_weight_files(folder: Path) -> list[Path] | None:
+    """The weights files of one component folder, or None when it holds none vgrt knows by name."""
+    for variant in ("", ".fp16"):
+        for stem in _STEMS:
+            single = folder / f"{stem}{variant}.safetensors"
+            if single.is_file():
+                return [single]
+            index = folder / f"{stem}.safetensors.index{variant}.json"
+            if index.is_file():
+                return shard_files(index)
+    for name in _PICKLED_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    return None
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shards a sharded checkpoint's index names, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise WeightsError(
+            f"{str(index)!r} is not a shard index: expected JSON with a 'weight_map' of tensor name -> shard file, "
+            f"as save_pretrained writes ({err!r})"
+        ) from err
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise WeightsError(
+            f"the shard index {str(index)!r} names {len(missing)} shard(s) that are not beside it: "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; copy every shard of the checkpoint"
+        )
+    return files
+
+
+def _found(folder: Path) -> str:
+    """' (it holds a, b)' for an existing folder, so that a misnamed file is seen in the message."""
+    if not folder.is_dir():
+        return f" ({folder.name}/ is missing)"
+    names = sorted(p.name for p in folder.iterdir())
+    return (
+        f" ({folder.name}/ holds {', '.join(names[:6])}{' ...' if len(names) > 6 else ''})"
+        if names
+        else f" ({folder.name}/ is empty)"
+    )
+
+
+def load_state_dicts(files: list[Path], allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint, whether one file or shards."""
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_state_dict(file, allow_pickle))
+    return state
 
 
 def load_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

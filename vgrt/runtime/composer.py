@@ -22,7 +22,7 @@ import torch
 from vgrt.engines.base import Runner
 from vgrt.engines.engine_set import EngineSet, ExportCache, PrebuiltExports
 from vgrt.errors import InvalidInputError
-from vgrt.models.presets import Preset, get_preset
+from vgrt.models.presets import Preset
 from vgrt.models.source import ModelSource
 from vgrt.models.tokenizer import PromptTokenizer, load_tokenizer
 
@@ -47,6 +47,8 @@ class Composer:
         attention: how TensorRT engines run masked attention: 'plugin' (vgrt's kernel, which skips
             masked key tiles) or 'native' (TensorRT's own attention).
         exports: export folders made beforehand (`Composer.from_exports`); nothing is exported then.
+        calibrated: UNet exports quantised by `vgrt calibrate` (its --out), each run in place of the UNet of
+            its feature set; the other components are exported in `dtype` (from_exports: add them to the folders).
     """
 
     source: ModelSource
@@ -59,6 +61,7 @@ class Composer:
     device: torch.device | str = "cpu"
     attention: str = "plugin"
     exports: tuple[Path, ...] = ()
+    calibrated: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         """Every setting is checked here, before any export (the tensorrt backend without TensorRT or a GPU too)."""
@@ -66,12 +69,18 @@ class Composer:
             self._artifacts(), self.backend, self.device, self.attention, self.runner_options, self.runner_hook
         )
         self.device = self.engines.device
-        self.preset: Preset = get_preset(self.source.preset)
+        self.preset: Preset = self.source.model_preset()  # a weights folder's own, read from its configs
         self.tokenizer: PromptTokenizer = load_tokenizer(self.source)
+        # SDXL's second text encoder has a tokenizer of its own (the same vocabulary, its own padding).
+        self.tokenizer_2: PromptTokenizer | None = (
+            load_tokenizer(self.source, "tokenizer_2", "text_encoder_2") if self.preset.is_sdxl else None
+        )
 
     def _artifacts(self) -> ExportCache | PrebuiltExports:
         if not self.exports:
-            return ExportCache(self.source, self.dtype, self.cache)
+            return ExportCache(self.source, self.dtype, self.cache, calibrated=tuple(map(Path, self.calibrated)))
+        if self.calibrated:
+            raise InvalidInputError("give calibrated UNet exports to Composer.from_exports with the other folders")
         prebuilt = PrebuiltExports.open(self.exports)
         if (prebuilt.source, prebuilt.dtype) != (self.source, self.dtype):
             raise InvalidInputError(
@@ -87,9 +96,10 @@ class Composer:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, preset: str = "sd15", backend: str = "onnxruntime", **options
+        cls, directory: str | Path, preset: str | None = None, backend: str = "onnxruntime", **options
     ) -> "Composer":
-        """Real weights from a local diffusers folder (unet/, vae/, text_encoder/, ...)."""
+        """Real weights from a local diffusers folder as published (model_index.json, unet/, vae/, text_encoder/,
+        tokenizer/, scheduler/; SDXL's text_encoder_2/, tokenizer_2/); its preset is read from its configs."""
         if not Path(directory).is_dir():
             raise InvalidInputError(f"{str(directory)!r} is not a folder; give a local diffusers model folder")
         return cls(ModelSource(preset, weights=str(directory)), backend, **options)
@@ -112,7 +122,9 @@ class Composer:
 
     def open(self, *components: str) -> None:
         """Export (on first use) and open these encoder/adapter runners now, so a method's stage timer
-        measures inference and not a first-use export."""
+        measures inference and not a first-use export. For SDXL, 'text_encoder' opens both text encoders."""
+        if self.preset.is_sdxl and "text_encoder" in components:
+            components = (*components, "text_encoder_2")
         self.engines.open(*components)
 
     def close(self) -> None:
@@ -136,8 +148,71 @@ class Composer:
         }
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text context [B, 77, D] (the last hidden state, as SD 1.x and 2.x condition on)."""
-        return self.infer("text_encoder", input_ids=self.tokenizer(prompts))["last_hidden_state"]
+        """Text context [B, 77, D]: the last hidden state for SD 1.x and 2.x; for SDXL, both text encoders'
+        penultimate hidden states, concatenated. Methods take `text_conditioning`, which has SDXL's other inputs."""
+        return self._context(self._encoder_states(*self._token_ids(prompts)))["encoder_hidden_states"]
+
+    def text_conditioning(self, prompts: list[str], width: int, height: int) -> dict[str, torch.Tensor]:
+        """The UNet's text inputs for `prompts`, one row each, for an output of width x height pixels, as
+        diffusers' pipelines compute them:
+
+        - encoder_hidden_states [B, 77, D]: SD 1.x and 2.x the text encoder's last hidden state; SDXL the
+          penultimate hidden states of both encoders, concatenated (768 + 1280 = 2048 for SDXL base).
+        - SDXL only: text_embeds [B, P], the second encoder's projected pooled embedding, and time_ids [B, 6]
+          (see `time_ids`).
+
+        The unconditional half of guidance is `unconditional` of the empty prompt's inputs.
+        """
+        return self.token_conditioning(*self._token_ids(prompts), width=width, height=height)
+
+    def token_conditioning(
+        self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None, *, width: int, height: int
+    ) -> dict[str, torch.Tensor]:
+        """`text_conditioning` of token ids [B, L] (input_ids_2: those of SDXL's second tokenizer, by default
+        the same), for prompts given as ids (AIComposer's exceptional prompt)."""
+        return self.encoder_conditioning(self._encoder_states(input_ids, input_ids_2), width=width, height=height)
+
+    def encoder_conditioning(
+        self, states: list[dict[str, torch.Tensor]], *, width: int, height: int
+    ) -> dict[str, torch.Tensor]:
+        """`text_conditioning` from the text encoders' outputs, one mapping per encoder (two for SDXL) named as
+        the text encoder's export outputs (last_hidden_state, penultimate_hidden_state, pooled)."""
+        text = self._context(states)
+        if self.preset.is_sdxl:
+            text["time_ids"] = self.time_ids(width, height, len(text["encoder_hidden_states"]))
+        return text
+
+    def time_ids(self, width: int, height: int, rows: int = 1) -> torch.Tensor:
+        """SDXL's micro-conditioning [rows, 6]: original size, crop top-left and target size, each as (height,
+        width) in pixels, with the defaults of diffusers' StableDiffusionXLPipeline: original = target = the
+        output size, crop (0, 0)."""
+        row = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.device)
+        return row.repeat(rows, 1)
+
+    def unconditional(self, empty: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional half of guidance from the empty prompt's text inputs, as diffusers' pipelines make it
+        when no negative prompt is given: the empty prompt's encoding (SD 1.x, 2.x); zeros for the context and
+        the pooled embedding where the pipeline sets force_zeros_for_empty_prompt (SDXL base does), with the
+        time_ids kept."""
+        if not self.preset.force_zeros_for_empty_prompt:
+            return empty
+        return {name: value if name == "time_ids" else torch.zeros_like(value) for name, value in empty.items()}
+
+    def _token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.tokenizer(prompts), None if self.tokenizer_2 is None else self.tokenizer_2(prompts)
+
+    def _encoder_states(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None) -> list[dict]:
+        states = [self.infer("text_encoder", input_ids=input_ids)]
+        if self.preset.is_sdxl:
+            states.append(self.infer("text_encoder_2", input_ids=input_ids if input_ids_2 is None else input_ids_2))
+        return states
+
+    def _context(self, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not self.preset.is_sdxl:
+            return {"encoder_hidden_states": states[0]["last_hidden_state"]}
+        first, second = states
+        context = torch.cat([first["penultimate_hidden_state"], second["penultimate_hidden_state"]], dim=-1)
+        return {"encoder_hidden_states": context, "text_embeds": second["pooled"]}
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f]."""

@@ -44,9 +44,10 @@ class SchedulerSettings:
 
     @classmethod
     def for_preset(cls, preset: str | Preset, **overrides: Any) -> "SchedulerSettings":
-        """SD's schedule with the prediction type of `preset`; keyword overrides win."""
+        """The schedule of `preset`: a weights folder's scheduler config (the Preset of a folder carries it in
+        `extra["scheduler"]`), else SD's, with the preset's prediction type; keyword overrides win."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
-        return replace(cls(prediction_type=preset.prediction_type), **overrides)
+        return replace(cls(prediction_type=preset.prediction_type, **preset.extra.get("scheduler", {})), **overrides)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:

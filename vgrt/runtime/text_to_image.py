@@ -3,7 +3,10 @@
 Not one of the composition methods: the common ground on which vgrt is compared with pipelines that do
 only this (optimum-intel's OVStableDiffusionPipeline in `vgrt bench peer`), and the baseline a
 method's extra work is measured against. It computes what diffusers' StableDiffusionPipeline computes
-with a DDIM scheduler: guidance is batched into one UNet call per step, unconditional rows first.
+with a DDIM scheduler: guidance is batched into one UNet call per step, unconditional rows first. On
+SDXL it is StableDiffusionXLPipeline's computation: both text encoders, the pooled embedding and the
+default micro-conditioning (Composer.text_conditioning); an empty negative prompt is the pipeline's
+"no negative prompt", zeros where the model sets force_zeros_for_empty_prompt (Composer.unconditional).
 """
 
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
-from vgrt.runtime.methods.common import Composition, decode, start
+from vgrt.runtime.methods.common import Composition, decode, split_rows, start
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
@@ -45,7 +48,10 @@ def compose(composer: Composer, request: TextToImageRequest) -> Composition:
         composer, request, (request.width, request.height), "none", COMPONENTS, check=lambda: _check(composer, request)
     )
     with run.times("encode"):
-        negative, prompt = composer.encode_prompts([request.negative_prompt, request.prompt]).split(1)
+        text = composer.text_conditioning([request.negative_prompt, request.prompt], request.width, request.height)
+        negative, prompt = split_rows(text)
+    if not request.negative_prompt:
+        negative = composer.unconditional(negative)
     noise = request.latents
     if noise is None:
         shape = (1, composer.preset.unet["in_channels"], *run.latent_hw)
@@ -53,15 +59,13 @@ def compose(composer: Composer, request: TextToImageRequest) -> Composition:
     with run.times("denoise"):
         latents = denoise(
             run.unet, build_scheduler("ddim", SchedulerSettings.for_preset(composer.preset)), noise.to(composer.device),
-            Conditioning({"encoder_hidden_states": prompt}, {"encoder_hidden_states": negative}),
+            Conditioning(prompt, negative),
             SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale, progress=composer.progress),
         )  # fmt: skip
     return Composition(decode(composer, latents, run.times), latents, run.times)
 
 
 def _check(composer: Composer, request: TextToImageRequest) -> None:
-    if composer.preset.is_sdxl:
-        raise InvalidInputError(f"text-to-image runs SD 1.x/2.x presets; {composer.preset.name!r} is SDXL")
     f, channels = composer.preset.vae_factor, composer.preset.unet["in_channels"]
     shape = (1, channels, request.height // f, request.width // f)
     if request.latents is not None and tuple(request.latents.shape) != shape:

@@ -12,9 +12,13 @@ application is `import_path: vgrt.serve.app:app_builder` with `args` holding Ser
 fields (`preset`, `backend`, `replicas`, `num_gpus`, ...); the config's own `deployments:` overrides apply
 to the deployment named `ServeSettings.name` (e.g. `tiny-onnxruntime-fp32`).
 
-Backpressure: a replica takes `max_ongoing_requests` at once (it composes one at a time, in order);
-up to `max_queued_requests` more wait in the proxy; beyond that the proxy answers 503, which
-`vgrt.client` retries. The request timeout is the proxy's (`http_options.request_timeout_s`, 408).
+Batching (`max_batch` > 1): `@serve.batch` hands a replica's requests to it in batches of up to
+`max_batch`, gathered for at most `batch_wait_ms`; the requests of a batch compose together and their
+UNet calls merge (vgrt.serve.service). A replica holds a batch only if `max_ongoing_requests` lets it.
+
+Backpressure: a replica takes `max_ongoing_requests` at once (it composes one at a time, in order, or
+one batch at a time); up to `max_queued_requests` more wait in the proxy; beyond that the proxy answers
+503, which `vgrt.client` retries. The request timeout is the proxy's (`http_options.request_timeout_s`, 408).
 Ray echoes the request id as `X-Request-ID` (the client may set it), and the replica's log lines carry it;
 `X-Vgrt-Replica` names the replica that answered and its node (`replica@node`).
 """
@@ -95,6 +99,11 @@ class ComposeDeployment:
         self.replica = f"{replica_id}@{require('ray').get_runtime_context().get_node_id()[:12]}"  # replica@node
         self.stage_seconds = _stage_histogram()
         self.service = ComposeService(settings, observe=self._record)
+        if settings.max_batch > 1:
+            batch = require("ray.serve").batch(
+                max_batch_size=settings.max_batch, batch_wait_timeout_s=settings.batch_wait_ms / 1000
+            )
+            self.service.batch = batch(self.service.compose_batch)
         seconds = self.service.load()
         log.info("%s ready in %.1f s (methods: %s)", settings.name, seconds, ", ".join(self.service.methods))
 
@@ -153,6 +162,11 @@ def build_app(settings: ServeSettings, scaling: Scaling | None = None):
     scaling = scaling or Scaling()
     settings.check()
     scaling.check()
+    if settings.max_batch > scaling.max_ongoing_requests:
+        raise InvalidInputError(
+            f"max_batch {settings.max_batch} is above max_ongoing_requests {scaling.max_ongoing_requests}: a replica "
+            f"holds at most max_ongoing_requests requests, so no batch could fill; raise it to {settings.max_batch}"
+        )
     deployment = serve.deployment(ComposeDeployment, name=settings.name, **scaling.deployment_options())
     return deployment.bind(settings)
 

@@ -30,6 +30,9 @@ FILE_INPUTS = frozenset(
      "placement_mask", "reference", "object"}
 )  # fmt: skip
 
+# Registry inputs that are folders on the machine (mca-ctrl's models for its text masks): CLI only.
+SERVER_PATH_INPUTS = frozenset({"grounding", "sam"})
+
 MAX_BODY_BYTES = 32 * 1024 * 1024  # default request size limit: a few full-size PNGs
 
 
@@ -91,6 +94,12 @@ def parse_inputs(content_type: str, body: bytes, folder: Path, repeated: frozens
         raise HttpError(
             415, f"content type {media_type or 'none'!r} is not accepted; send multipart/form-data or application/json"
         )
+    server_paths = sorted(SERVER_PATH_INPUTS & set(given))
+    if server_paths:
+        raise HttpError(
+            400, f"inputs {', '.join(server_paths)} name folders on the server, which a request cannot choose; the "
+            "server takes Grounding DINO and SAM from grounding_dino/ and sam/ in its --weights folder",
+        )  # fmt: skip
     return {name: _stored(name, value, folder) for name, value in given.items()}
 
 

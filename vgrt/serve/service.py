@@ -4,6 +4,12 @@
 call it directly. Per request it parses the body (vgrt.serve.protocol), builds and validates the method's
 request exactly as `vgrt compose` does (a refusal is a 400 with the CLI's message), then composes on the
 service's one compose thread, so a replica runs one composition at a time and the rest wait in order.
+
+With `max_batch` > 1, requests are composed in batches (`compose_batch`; the Ray deployment feeds it
+through `@serve.batch`), each request on its own thread over the one Composer, and their UNet calls
+merge into one engine call where their shapes allow it (vgrt.engines.merging). Each request still gets
+its own image: bit for bit the unbatched one on onnxruntime and openvino, within fp32 round-off on
+torch (bench/results/serve-batch-*.json). Off by default: on CPU it does not pay.
 """
 
 import argparse
@@ -13,7 +19,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +44,8 @@ class ServeSettings:
     warmup: 'compose' runs one 2-step request per method at the preset's native size before the
         service reports ready; 'open' only exports and opens their runners.
     max_body_bytes: request size limit (413 above it).
+    max_batch: requests composed together, their UNet calls merged (1: one request at a time).
+    batch_wait_ms: how long a batch waits for more requests, and a UNet call for the batch's other calls.
     """
 
     preset: str = "tiny"
@@ -51,6 +59,8 @@ class ServeSettings:
     methods: tuple[str, ...] = ()
     warmup: str = "compose"
     max_body_bytes: int = MAX_BODY_BYTES
+    max_batch: int = 1
+    batch_wait_ms: float = 10.0
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any]) -> "ServeSettings":
@@ -68,10 +78,10 @@ class ServeSettings:
 
     def check(self) -> None:
         """Refuse settings that cannot work, before anything is exported."""
-        from vgrt.models.presets import get_preset
+        from vgrt.models.source import ModelSource
         from vgrt.runtime.methods.registry import get_method
 
-        get_preset(self.preset)
+        ModelSource(self.preset, weights=self.weights).model_preset()  # a weights folder's configs are read here
         for name in self.methods:
             get_method(name)
         if self.warmup not in WARMUPS:
@@ -81,7 +91,15 @@ class ServeSettings:
                 raise InvalidInputError(
                     f"{name} must be a whole number >= {0 if name == 'threads' else 1}, got {value!r}"
                 )
+        self._check_batching()
         self.composer_options()
+
+    def _check_batching(self) -> None:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise InvalidInputError(f"max_batch must be a whole number >= 1 (1: no batching), got {self.max_batch!r}")
+        wait = self.batch_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 10_000:
+            raise InvalidInputError(f"batch_wait_ms must be a number of milliseconds in [0, 10000], got {wait!r}")
 
     def composer_options(self) -> dict[str, Any]:
         """The Composer's keyword settings, checked as `vgrt compose` checks --device, --attention and
@@ -108,16 +126,20 @@ class ComposeService:
     them as Prometheus metrics)."""
 
     def __init__(self, settings: ServeSettings, observe: Callable[[str, dict[str, float]], None] | None = None) -> None:
-        from vgrt.models.presets import get_preset
+        from vgrt.models.source import ModelSource
         from vgrt.runtime.methods.registry import METHODS, get_method
 
         settings.check()
         self.settings = settings
-        self.preset = get_preset(settings.preset)
+        self.preset = ModelSource(settings.preset, weights=settings.weights).model_preset()
         self.methods = {name: get_method(name) for name in settings.methods or METHODS}
         self.composer = None
         self.observe = observe
         self._compose_thread: ThreadPoolExecutor | None = None
+        self.merger = None  # a CallMerger when batching
+        # How a batched request is composed: a batch of its own by default; the Ray deployment puts
+        # `@serve.batch` in front of `compose_batch`, so requests that arrive together start together.
+        self.batch: Callable[[Job], Awaitable[Any]] = self._batch_of_one
 
     def load(self) -> float:
         """Export, open and warm every served method's engines; the seconds it took."""
@@ -125,11 +147,11 @@ class ComposeService:
 
         started = time.perf_counter()
         self.composer = self._composer()
-        # torch's thread count is per thread: the compose thread takes this one's, so that a composition
+        # torch's thread count is per thread: the compose threads take this one's, so that a composition
         # gives the pixels `vgrt compose` gives with the same thread count.
         threads = torch.get_num_threads()
         self._compose_thread = ThreadPoolExecutor(
-            1, "vgrt-compose", initializer=torch.set_num_threads, initargs=(threads,)
+            self.settings.max_batch, "vgrt-compose", initializer=torch.set_num_threads, initargs=(threads,)
         )
         self._compose_thread.submit(self._warm).result()
         return time.perf_counter() - started
@@ -145,6 +167,7 @@ class ComposeService:
         import torch
 
         from vgrt.checks import check_writable_folder
+        from vgrt.engines.merging import CallMerger
         from vgrt.export.cache import cache_root
         from vgrt.models.source import ModelSource
         from vgrt.runtime.composer import Composer
@@ -153,8 +176,11 @@ class ComposeService:
         check_writable_folder(s.cache or cache_root(), "the cache")
         if s.threads:
             torch.set_num_threads(s.threads)
+        if s.max_batch > 1:
+            self.merger = CallMerger(self.preset.profile.batch.max, s.batch_wait_ms / 1000)
+        hook = self.merger.hook if self.merger else None
         source = ModelSource(s.preset, weights=s.weights)
-        return Composer(source, s.backend, cache=s.cache, progress=False, **s.composer_options())
+        return Composer(source, s.backend, cache=s.cache, progress=False, runner_hook=hook, **s.composer_options())
 
     def _warm(self) -> None:
         if self.settings.warmup == "open":
@@ -219,9 +245,7 @@ class ComposeService:
             inputs = parse_inputs(headers.get("content-type", ""), body, folder, repeated)
             # Checked off the compose thread, so a refusal does not wait behind the compositions queued there.
             request = await asyncio.to_thread(self._request, method, inputs, folder)
-            loop = asyncio.get_running_loop()
-            # Cancelling this await (client gone, request timeout) cancels the composition if it has not started.
-            png, seconds = await loop.run_in_executor(self._compose_thread, self._run, method, request, folder)
+            png, seconds = await self._composed(Job(method, request, folder))
         timings = {stage: round(value, 4) for stage, value in seconds.items()}
         log.info("request %s %s composed: %s", request_id, method.name, timings)
         if self.observe is not None:
@@ -232,6 +256,34 @@ class ComposeService:
                 200, {"request_id": request_id, "method": method.name, "timings": timings, "image": image}
             )
         return Reply(200, png, {"content-type": "image/png", "x-vgrt-timings": _json(timings)})
+
+    async def _composed(self, job: "Job") -> tuple[bytes, dict[str, float]]:
+        """The PNG and stage seconds of `job`, composed on a compose thread (in a batch when batching)."""
+        if self.merger is None:
+            loop = asyncio.get_running_loop()
+            # Cancelling this await (client gone, request timeout) cancels the composition if it has not started.
+            return await loop.run_in_executor(self._compose_thread, self._run, job.method, job.request, job.folder)
+        outcome = await self.batch(job)
+        if isinstance(outcome, BaseException):  # each request of a batch meets only its own error
+            raise outcome
+        return outcome
+
+    async def compose_batch(self, jobs: list["Job"]) -> list[tuple[bytes, dict[str, float]] | BaseException]:
+        """Compose `jobs` at once, each on its own compose thread; their UNet calls merge where they can.
+        Returns each job's (PNG, stage seconds), or the exception it raised (not raised: a batch's other
+        requests still get their images)."""
+        loop = asyncio.get_running_loop()
+        composing = [loop.run_in_executor(self._compose_thread, self._run_batched, job) for job in jobs]
+        outcomes = await asyncio.gather(*composing, return_exceptions=True)
+        log.info("batch of %d composed; UNet calls so far: %s", len(jobs), self.merger.counted())
+        return outcomes
+
+    async def _batch_of_one(self, job: "Job") -> tuple[bytes, dict[str, float]] | BaseException:
+        return (await self.compose_batch([job]))[0]
+
+    def _run_batched(self, job: "Job") -> tuple[bytes, dict[str, float]]:
+        with self.merger.composing():
+            return self._run(job.method, job.request, job.folder)
 
     def _request(self, method, inputs: dict[str, Any], folder: Path):
         """The method's request, checked as `vgrt compose` checks it; a refusal is a 400 with its message."""
@@ -257,8 +309,18 @@ class ComposeService:
                 500, f"the composition failed ({type(err).__name__}); the server log has the details"
             ) from None
         out = folder / "out.png"
-        save_image(result.image, out, provenance(argparse.Namespace(method=method.name), request, self.composer))
+        args = argparse.Namespace(method=method.name, precision=self.settings.precision)  # as `vgrt compose` has them
+        save_image(result.image, out, provenance(args, request, self.composer))
         return out.read_bytes(), dict(result.times.seconds)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request to compose: its method, checked request, and the folder its input files are in."""
+
+    method: Any
+    request: Any
+    folder: Path
 
 
 def _json(value: Any) -> str:

@@ -33,7 +33,8 @@ def test_background_equals_the_inverted_background(composers, torch_result):
     composer, req = composers("torch"), request()
     placement = aicomposer.place(req)
     clean = aicomposer.inversion_start(composer, req, placement)
-    trajectory = aicomposer.invert_placement(composer, req, clean, aicomposer.exceptional_prompt(composer))
+    blank = aicomposer.exceptional_prompt(composer, 32, 32)
+    trajectory = aicomposer.invert_placement(composer, req, clean, aicomposer.inversion_text(composer, blank))
     outside = to_latent_grid(placement.region, *trajectory.shape[-2:]) == 0
     assert outside.any() and not outside.all()
     torch.testing.assert_close(torch_result.latents[0][:, outside], trajectory[0, 0][:, outside], rtol=0, atol=1e-6)
@@ -56,14 +57,15 @@ def test_image_tokens_only_on_foreground_queries_and_inside_the_step_window(comp
     aicomposer.compose(composer, req)
     assert sorted(seen) == list(range(req.inversion_steps, req.steps))
     foreground = to_latent_grid(aicomposer.place(req).foreground_mask, *seen[req.steps - 1]["sample"].shape[-2:])
-    blank = aicomposer.exceptional_prompt(composer)
+    blank = aicomposer.exceptional_prompt(composer, 32, 32)["encoder_hidden_states"]
     for i, feed in seen.items():
         in_window = i <= req.image_token_end
         assert (feed["layer_gates"][:, 0] == float(in_window)).all(), f"step {i}"
         for half in feed["extra_gate"]:  # both guidance halves, as the code's out_index = [0, B//2]
             torch.testing.assert_close(half[0], foreground)
-        if not in_window:
-            torch.testing.assert_close(feed["encoder_hidden_states"], blank.expand(2, -1, -1))
+        # the exceptional prompt: in the unconditional half always (the code's negative prompt), in both outside
+        exceptional = feed["encoder_hidden_states"][: 1 if in_window else 2]
+        torch.testing.assert_close(exceptional, blank.expand(len(exceptional), -1, -1))
     assert foreground.any() and not foreground.all()
     window, after = seen[req.inversion_steps], seen[req.steps - 1]
     assert not torch.equal(window["encoder_hidden_states"], after["encoder_hidden_states"])

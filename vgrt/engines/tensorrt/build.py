@@ -5,7 +5,9 @@ Steps, each a small loader in Polygraphy's `<Target>From<Source>` style:
    shares the export's external weights): plugin nodes (`vgrt.export.plugin_form`) or the ONNX
    Attention op (`apply_attention_form(..., "attention")`).
 2. `EngineBytesFromOnnxPath`: Polygraphy parses it into a strongly typed network (TensorRT 11 takes
-   every precision from the graph: an fp16 export gives an fp16 engine), adds one optimisation profile
+   every precision from the graph: an fp16 export gives an fp16 engine, the Q/DQ export of
+   `vgrt calibrate --target tensorrt` an INT8 or FP8 one, with no precision flag: TensorRT's explicit
+   quantization is used with strong typing and takes none), adds one optimisation profile
    from the spec, reuses and extends the timing cache, and builds.
 3. The engine cache stores the engine under a key of everything it depends on; a valid cached engine
    is reused, a stale or corrupt one rebuilt.
@@ -121,14 +123,38 @@ class EngineBytesFromOnnxPath:
             raise VgrtError(f"TensorRT could not build an engine from {str(self.path)!r}: {err}") from err
 
 
+def check_export_precision(manifest: Manifest, precision: str | None) -> None:
+    """Refuse an export TensorRT cannot build (a CPU INT8 one: asymmetric), or one not of `precision`:
+    a strongly typed network takes every precision from the graph, INT8 and FP8 from its Q/DQ nodes."""
+    manifest.check_backend("tensorrt")
+    if precision is None or precision == manifest.precision:
+        return
+    if precision in ("int8", "fp8"):
+        fix = (
+            f"calibrate one with `vgrt calibrate METHOD --target tensorrt --precision {precision} --out DIR` "
+            "and build DIR"
+        )
+    else:
+        fix = f"export one with `vgrt export --precision {precision}` and build that"
+    raise InvalidInputError(
+        f"--precision {precision}: {str(manifest.directory)!r} is an {manifest.precision} export, and TensorRT "
+        f"builds an engine in its export's precision; {fix}"
+    )
+
+
 def build_engine(
-    directory: str | Path, settings: BuildSettings = BuildSettings(), cache_dir: str | Path | None = None
+    directory: str | Path,
+    settings: BuildSettings = BuildSettings(),
+    cache_dir: str | Path | None = None,
+    precision: str | None = None,
 ) -> Path:
-    """Build (or find in the cache) the engine of `settings.component` of an exported directory; return its path."""
+    """Build (or find in the cache) the engine of `settings.component` of an exported directory; return its path.
+    The engine's precision is the export's (`precision`, when given, is checked against it)."""
     trt = require_tensorrt()
     require("polygraphy")
     settings.validate()
     manifest = read_manifest(directory)
+    check_export_precision(manifest, precision)
     entry = manifest.component(settings.component)
     if manifest.data["settings"]["dtype"] != "fp16":
         log.warning("%s is exported in %s, so its engine will be too; export with --precision fp16 for an fp16 engine",
@@ -144,6 +170,7 @@ def build_engine(
         from vgrt.plugins.masked_attention.trt_plugin import register_plugin
 
         register_plugin()  # the parser looks plugins up in the registry
-    log.info("building %s engine from %s (attention: %s)", entry.name, onnx_path.name, settings.attention)
+    log.info("building %s %s engine from %s (attention: %s)", manifest.precision, entry.name, onnx_path.name,
+             settings.attention)  # fmt: skip
     engine = EngineBytesFromOnnxPath(onnx_path, entry.spec, cache.timing_cache_path(key), settings.optimization_level)()
     return cache.store(key, engine)

@@ -11,8 +11,9 @@ Follows the released code (sherlhw/AIComposer: `demo.py`, `model/sdxl.py`, `mode
   last 4 the unconditional image tokens. In the code these fused tokens are the only image tokens and
   only foreground queries attend to them (the paper speaks of background queries attending to fused
   features: not what the code does). They act on every cross-attention layer, both guidance halves, only
-  in the step window [inversion_steps, image_token_end], together with the text prompt; outside it both
-  halves see the "exceptional prompt" (every token id 7788) without image tokens.
+  in the step window [inversion_steps, image_token_end], together with the text prompt (conditional half)
+  and the "exceptional prompt" (every token id 7788; unconditional half, as the code passes it as the
+  negative prompt); outside it both halves see the exceptional prompt without image tokens.
 - Inversion: the foreground latent is AdaIN-normalized in the placed region to the background's
   statistics (epsilon 1), both are decoded and pasted in pixels, the paste is re-encoded and
   DDIM-inverted with the exceptional prompt, no guidance, for only the first `inversion_steps` steps
@@ -22,8 +23,19 @@ Follows the released code (sherlhw/AIComposer: `demo.py`, `model/sdxl.py`, `mode
 - Not reproduced: the code's "proximal guidance" (a latent pull toward the inversion for t < 400
   outside an edit mask derived from |cond - uncond|), and its -1e4 text-attention bias on queries
   outside the edit region, which is a constant per softmax row (no effect in exact arithmetic; in the
-  code's fp16 it only coarsens the rounding). The code runs SDXL; any preset with one text encoder runs
-  here (Composer prompts for SDXL's second encoder are not wired yet).
+  code's fp16 it only coarsens the rounding).
+- The exceptional prompt is encoded as the code's `CLIPTextInv*` encoders do it (`model/sdxl_utils/
+  modeling_clip.py`): without position embeddings, so all 77 tokens encode alike. The engines' text
+  encoders add them, so it runs in PyTorch (`Composer.module`), one token's pass (`positionless_states`).
+- SDXL (the code's model; SD 1.x presets run the same steps with their one text encoder): the text
+  inputs are both encoders' (Composer.text_conditioning), the image encoder is IP-Adapter SDXL's
+  (OpenCLIP ViT-bigG, 1280-d embeds, the sdxl preset's), projected to 4 tokens of 2048 and fused by the
+  MLP with 512 hidden units, on every cross-attention layer. Pooled text embeds: the prompt's in the
+  conditional half, the exceptional prompt's in the unconditional half, also outside the image-token
+  window, where the conditional half's context is the exceptional prompt's but its pooled embedding stays
+  the prompt's (the code's `blank_add_text_embeds`). time_ids: the output size in sampling (the pipeline's
+  default); the inversion keeps the code's fixed 1024 x 1024 whatever the size (`Inversion.init_prompt`).
+  The code resizes the background to a long side of 1024 px; here the background's size is the output's.
 """
 
 from dataclasses import dataclass
@@ -32,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from vgrt.errors import InvalidInputError
+from vgrt.models.encoders import positionless_states
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning, unet_inputs
 from vgrt.runtime.inversion import InversionSettings, invert
@@ -184,14 +197,28 @@ def image_tokens(
     return fused.chunk(2, dim=1)
 
 
-def exceptional_prompt(composer: Composer) -> torch.Tensor:
-    """Text context of the exceptional prompt [1, L, D]. A vocabulary without id 7788 (tiny presets) uses
-    the same id modulo its ordinary tokens."""
-    spec = composer.runner("text_encoder").spec.input("input_ids")
-    ordinary = min(int(spec.value_range[1]) + 1, composer.tokenizer.start)  # the ids below the special tokens
-    token = EXCEPTIONAL_TOKEN if EXCEPTIONAL_TOKEN < ordinary else EXCEPTIONAL_TOKEN % ordinary
-    ids = torch.full((1, spec.shape[1]), token, dtype=torch.int64)
-    return composer.infer("text_encoder", input_ids=ids)["last_hidden_state"]
+def exceptional_prompt(composer: Composer, width: int, height: int) -> dict[str, torch.Tensor]:
+    """Text inputs of the exceptional prompt for a width x height output: context [1, L, D] (and SDXL's pooled
+    embedding and time_ids), every input id of both text encoders 7788, encoded without position embeddings
+    as the code's `CLIPTextInv*` encoders do (in PyTorch: the engines add them). A vocabulary without id 7788
+    (tiny presets) uses the same id modulo its ordinary tokens."""
+    tokenizers = {"text_encoder": composer.tokenizer, "text_encoder_2": composer.tokenizer_2}
+    states = []
+    for name, tokenizer in tokenizers.items():
+        if tokenizer is not None:
+            encoder = composer.module(name)
+            ordinary = min(encoder.model.config.vocab_size, tokenizer.start)  # the ids below the special tokens
+            token = EXCEPTIONAL_TOKEN if EXCEPTIONAL_TOKEN < ordinary else EXCEPTIONAL_TOKEN % ordinary
+            states.append(positionless_states(encoder, token))
+    return composer.encoder_conditioning(states, width=width, height=height)
+
+
+def inversion_text(composer: Composer, blank: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inversion's text inputs: the exceptional prompt; on SDXL with the code's fixed 1024 x 1024
+    micro-conditioning (its inversion's default, whatever the image size)."""
+    if "time_ids" not in blank:
+        return blank
+    return {**blank, "time_ids": composer.time_ids(CODE_SIZE, CODE_SIZE)}
 
 
 def inversion_start(composer: Composer, request: AIComposerRequest, placement: Placement) -> torch.Tensor:
@@ -206,25 +233,27 @@ def inversion_start(composer: Composer, request: AIComposerRequest, placement: P
 
 
 def invert_placement(
-    composer: Composer, request: AIComposerRequest, clean: torch.Tensor, blank: torch.Tensor
+    composer: Composer, request: AIComposerRequest, clean: torch.Tensor, text: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """The partial DDIM inversion of the clean latent [1, C, h, w]: [inversion_steps + 1, 1, C, h, w]."""
+    """The partial DDIM inversion of the clean latent [1, C, h, w] with the text inputs `text` (see
+    `inversion_text`): [inversion_steps + 1, 1, C, h, w]."""
     # The image tokens are gated off here, which is the plain UNet: run that, not the extra-token attention.
-    plain = Conditioning({"encoder_hidden_states": blank})
     return invert(
         composer.runner("unet"), build_scheduler("ddim_inverse", SchedulerSettings.for_preset(composer.preset)), clean,
-        plain,
+        Conditioning(text),
         InversionSettings(steps=request.steps, end_step=request.inversion_steps, progress=composer.progress),
     )  # fmt: skip
 
 
-def _unet_conditioning(spec, context, uncond_context, gate, image_tokens_on: bool, tokens=(None, None)) -> Conditioning:
+def _unet_conditioning(spec, text, uncond_text, gate, image_tokens_on: bool, tokens=(None, None)) -> Conditioning:
+    """Text inputs of both halves plus the image tokens (zero tokens, gated off, outside the window)."""
     cond_tokens, uncond_tokens = tokens
+    context = text["encoder_hidden_states"]
     if cond_tokens is None:
         cond_tokens = uncond_tokens = torch.zeros(1, 1, context.shape[-1], device=context.device)
     gates = layer_gates(spec.input("layer_gates").shape[0], context.device, extra=float(image_tokens_on))
-    cond = {"encoder_hidden_states": context, "extra_tokens": cond_tokens, "extra_gate": gate, "layer_gates": gates}
-    return Conditioning(cond, {"encoder_hidden_states": uncond_context, "extra_tokens": uncond_tokens})
+    cond = {**text, "extra_tokens": cond_tokens, "extra_gate": gate, "layer_gates": gates}
+    return Conditioning(cond, {**uncond_text, "extra_tokens": uncond_tokens})
 
 
 def compose(composer: Composer, request: AIComposerRequest) -> Composition:
@@ -233,20 +262,22 @@ def compose(composer: Composer, request: AIComposerRequest) -> Composition:
     unet, times, latent_hw = run.unet, run.times, run.latent_hw
     placement = place(request)
 
+    blank = exceptional_prompt(composer, width, height)  # before the timers: its PyTorch encoders build on first use
     with times("encode"):
-        empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
-        blank = exceptional_prompt(composer)
+        prompt = composer.text_conditioning([request.prompt], width, height)
         tokens = image_tokens(composer, placement, request.background)
     with times("normalize"):  # the VAE round trip of the AdaIN paste, kept out of the inversion's host work
         clean = inversion_start(composer, request, placement)
     with times("invert"):
-        trajectory = invert_placement(composer, request, clean, blank)
+        trajectory = invert_placement(composer, request, clean, inversion_text(composer, blank))
 
     inside = to_latent_grid(placement.foreground_mask, *latent_hw).to(composer.device)
     keep = to_latent_grid(placement.region, *latent_hw).to(composer.device)  # outside it the background is re-pasted
+    # Outside the window the conditional half keeps the prompt's pooled embedding (SDXL), as the code does.
+    blank_context = {**prompt, "encoder_hidden_states": blank["encoder_hidden_states"]}
     conditionings = {
-        True: _unet_conditioning(unet.spec, prompt, empty, inside[None, None], True, tokens),
-        False: _unet_conditioning(unet.spec, blank, blank, inside[None, None], False),
+        True: _unet_conditioning(unet.spec, prompt, blank, inside[None, None], True, tokens),
+        False: _unet_conditioning(unet.spec, blank_context, blank, inside[None, None], False),
     }
     guided = request.guidance_scale > 1
     feeds = {on: unet_inputs(unet.spec, c, 1, guided, composer.device) for on, c in conditionings.items()}

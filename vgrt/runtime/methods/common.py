@@ -78,6 +78,17 @@ def start(
     return Run(unet, StageTimes(), (height // f, width // f))
 
 
+def split_rows(inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """UNet inputs of B rows -> B inputs of one row each (the text conditioning of B prompts, one per prompt)."""
+    count = len(next(iter(inputs.values())))
+    return [{name: value[row : row + 1] for name, value in inputs.items()} for row in range(count)]
+
+
+def repeat_rows(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """One-row UNet inputs as `rows` rows (views: a Conditioning copies them into the feed)."""
+    return {name: value.expand(rows, *value.shape[1:]) for name, value in inputs.items()}
+
+
 def decode(composer, latents: torch.Tensor, times: StageTimes) -> torch.Tensor:
     """The image of `latents`, timed as the 'decode' stage."""
     with times("decode"):

@@ -25,7 +25,7 @@ from vgrt.models.presets import ShapeProfile
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.images import Box
-from vgrt.runtime.methods.common import Composition, clip_pixels, decode, layer_gates, start
+from vgrt.runtime.methods.common import Composition, clip_pixels, decode, layer_gates, split_rows, start
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
@@ -130,15 +130,15 @@ def compose(composer: Composer, request: LocRefRequest) -> Composition:
     )  # fmt: skip
     unet, times, latent_hw = run.unet, run.times, run.latent_hw
     with times("encode"):
-        empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
+        empty, prompt = split_rows(composer.text_conditioning(["", request.prompt], request.width, request.height))
         tokens = image_tokens(composer, [*request.references, composite(request)])
     layout = layout_inputs(request, tokens.shape[1], latent_hw)
     blocks = unet.spec.input("layer_gates").shape[0]
     cond = {
-        "encoder_hidden_states": prompt, "extra_tokens": tokens.reshape(1, -1, tokens.shape[-1]),
+        **prompt, "extra_tokens": tokens.reshape(1, -1, tokens.shape[-1]),
         "layer_gates": layer_gates(blocks, composer.device, extra=1.0), **layout,
     }  # fmt: skip
-    uncond = {"encoder_hidden_states": empty, "extra_gate": torch.zeros_like(layout["extra_gate"])}
+    uncond = {**composer.unconditional(empty), "extra_gate": torch.zeros_like(layout["extra_gate"])}
     noise = random_latents((1, 4, *latent_hw), torch.Generator().manual_seed(request.seed), device=composer.device)
     with times("denoise"):
         latents = denoise(

@@ -17,9 +17,15 @@ differs from the paper's text in places; the differences that matter here:
   the region mask instead (the `probes` output covers extra-token maps, not the text-token maps
   this would need), and drops the code's soft key bias. SAGI runs on steps (0, 5), SALQ from step 5
   on every block.
+- Masks from text (the paper's Subject Localization Module, Grounding DINO + SAM): made before the
+  method's work by vgrt.runtime.methods.subject_localization, then used as drawn masks are (the region
+  dilated as above).
+- SDXL (the code is SD 1.5's; ours): every branch also gets its prompt's pooled embedding and the
+  time_ids, the unconditional half is SDXL's pipeline's (Composer.unconditional), and the SALQ block
+  fraction applies to SDXL's transformer blocks.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,7 +35,18 @@ from vgrt.models.processors import MUTUAL_GATE
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning, unet_inputs
 from vgrt.runtime.inversion import InversionSettings, invert
-from vgrt.runtime.methods.common import Composition, check_pair, decode, dilate, layer_gates, start, to_latent_grid
+from vgrt.runtime.methods.common import (
+    Composition,
+    check_pair,
+    decode,
+    dilate,
+    layer_gates,
+    repeat_rows,
+    split_rows,
+    start,
+    to_latent_grid,
+)
+from vgrt.runtime.methods.subject_localization import LocalizationSettings
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
@@ -51,23 +68,31 @@ class McaCtrlRequest:
             (generate; the condition image is then only the size reference).
         mode: 'edit' (insert into the condition image) or 'generate' (new image from the prompt).
         prompt: text for the target branch; '' in the code's edit examples.
+        subject_text, region_text: instead of a mask (None there), what to find in the subject image /
+            the condition image: the paper's Subject Localization Module (Grounding DINO + SAM, see
+            vgrt.runtime.methods.subject_localization) makes the mask, settings in `localization`.
     """
 
     subject: torch.Tensor
-    subject_mask: torch.Tensor
+    subject_mask: torch.Tensor | None
     condition: torch.Tensor
-    region_mask: torch.Tensor
+    region_mask: torch.Tensor | None
     mode: str = "edit"
     prompt: str = ""
     steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
+    subject_text: str | None = None
+    region_text: str | None = None
+    localization: LocalizationSettings = field(default_factory=LocalizationSettings)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InvalidInputError(f"unknown MCA-Ctrl mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        check_pair(self.subject, self.subject_mask, "subject")
-        check_pair(self.condition, self.region_mask, "condition")
+        _check_mask_source(self.subject, self.subject_mask, self.subject_text, "subject")
+        _check_mask_source(self.condition, self.region_mask, self.region_text, "region")
+        if self.subject_text is not None or self.region_text is not None:
+            self.localization.validate()
         if self.subject.shape != self.condition.shape:
             raise InvalidInputError(
                 f"subject {tuple(self.subject.shape[2:])} and condition {tuple(self.condition.shape[2:])} images "
@@ -107,7 +132,40 @@ def _groups(rows: int, target: int, fg: tuple[int, int], bg: tuple[int, int], ma
     return {"q_index": q_index, "kv_index": kv_index, "self_key_masks": key_masks, "self_out_gates": gates}
 
 
+def _check_mask_source(image: torch.Tensor, mask: torch.Tensor | None, text: str | None, name: str) -> None:
+    """Exactly one of the hand-drawn mask and the text for it; the mask checked against its image."""
+    image_name = "subject" if name == "subject" else "condition"
+    if (mask is None) == (text is None):
+        given = "both" if mask is not None else "neither"
+        raise InvalidInputError(
+            f"MCA-Ctrl needs the {name} as a mask (--{name}-mask) or as a text to find in the {image_name} image "
+            f"(--{name}-text), not {given}: give exactly one"
+        )
+    if mask is not None:
+        check_pair(image, mask, image_name)
+    elif image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise InvalidInputError(f"{image_name} must be an RGB tensor [1, 3, H, W], got {tuple(image.shape)}")
+
+
+def masks_from_text(composer: Composer, request: McaCtrlRequest) -> McaCtrlRequest:
+    """The request with its text-given masks made by the Subject Localization Module (the subject text
+    on the subject image, the region text on the condition image); as it is when both are drawn."""
+    if request.subject_text is None and request.region_text is None:
+        return request
+    from vgrt.runtime.methods.subject_localization import open_localizer
+
+    localizer, settings = open_localizer(composer, request.localization), request.localization
+    masks = {}
+    if request.subject_text is not None:
+        masks["subject_mask"] = localizer.mask(request.subject, request.subject_text, settings, "--subject-text")
+    if request.region_text is not None:
+        masks["region_mask"] = localizer.mask(request.condition, request.region_text, settings, "--region-text")
+    return replace(request, subject_text=None, region_text=None, **masks)
+
+
 def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
+    request.validate()  # before the masks are looked for
+    request = masks_from_text(composer, request)
     height, width = request.condition.shape[2:]
     run = start(composer, request, (width, height), FEATURES, COMPONENTS)
     unet, times = run.unet, run.times
@@ -117,7 +175,7 @@ def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
     with times("encode"):
         references = torch.cat([request.condition, request.subject]) if request.mode == "edit" else request.subject
         clean = composer.encode_images(references)
-        empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
+        empty, prompt = split_rows(composer.text_conditioning(["", request.prompt], width, height))
     h, w = clean.shape[2:]
     region = request.region_mask
     if request.mode == "edit":
@@ -128,7 +186,7 @@ def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
 
     blocks = unet.spec.input("layer_gates").shape[0]
     # The inversion has every mutual gate at 0, which is the plain UNet: run that, not the grouped attention.
-    inversion_inputs = {"encoder_hidden_states": empty.expand(len(clean), -1, -1)}
+    inversion_inputs = repeat_rows(empty, len(clean))
     scheduler_settings = SchedulerSettings.for_preset(composer.preset)
     with times("invert"):
         trajectory = invert(
@@ -136,7 +194,8 @@ def compose(composer: Composer, request: McaCtrlRequest) -> Composition:
             Conditioning(inversion_inputs), InversionSettings(steps=request.steps, progress=composer.progress),
         )  # fmt: skip
 
-    phases = _phase_feeds(unet.spec, request, branches, rows, masks, empty, prompt, blocks, device)
+    text = _branch_text(empty, prompt, rows, branches.target), repeat_rows(composer.unconditional(empty), rows)
+    phases = _phase_feeds(unet.spec, request, branches, rows, masks, text, blocks, device)
     if request.mode == "edit":
         first = torch.cat([trajectory[-1], trajectory[-1][:1]])
     else:
@@ -168,8 +227,17 @@ def _phase(mode: str, step: int) -> str:
     return "plain" if mode == "generate" and step == 0 else "sagi"
 
 
-def _phase_feeds(spec, request, branches: _Branches, rows: int, masks, empty, prompt, blocks: int, device) -> dict:
-    """The UNet inputs of each phase, built (and stacked for guidance) once for the whole run, on `device`."""
+def _branch_text(empty: dict, prompt: dict, rows: int, target: int) -> dict:
+    """Every branch's text inputs: the empty prompt's, but the target's own prompt on its row."""
+    text = {name: value.expand(rows, *value.shape[1:]).clone() for name, value in empty.items()}
+    for name, value in text.items():
+        value[target] = prompt[name][0]
+    return text
+
+
+def _phase_feeds(spec, request, branches: _Branches, rows: int, masks, text, blocks: int, device) -> dict:
+    """The UNet inputs of each phase, built (and stacked for guidance) once for the whole run, on `device`;
+    `text` holds the (conditional, unconditional) text inputs of every row."""
     target = branches.target
     if request.mode == "edit":
         sagi = _groups(rows, target, fg=(1, 1), bg=(0, 0), masks=masks)
@@ -179,15 +247,13 @@ def _phase_feeds(spec, request, branches: _Branches, rows: int, masks, empty, pr
         sagi = _groups(rows, target, fg=(0, 0), bg=(target, target), masks=masks)
         salq = _groups(rows, target, fg=(target, 0), bg=(target, target), masks=masks)
         salq_first = 0
-    context = empty.expand(rows, -1, -1).clone()
-    context[target] = prompt[0]
-    uncond = {"encoder_hidden_states": empty.expand(rows, -1, -1)}
+    context, uncond = text
     guided = request.guidance_scale > 1
     feeds = {}
     for name, groups, first_block in (("plain", sagi, blocks), ("sagi", sagi, 0), ("salq", salq, salq_first)):
         gates = layer_gates(blocks, device)
         gates[first_block:, MUTUAL_GATE] = 1.0  # blends mutual attention in from this block on
-        cond = {"encoder_hidden_states": context, "layer_gates": gates, **groups}
+        cond = {**context, "layer_gates": gates, **groups}
         feeds[f"{name}_cond"], feeds[f"{name}_uncond"] = cond, uncond
         feeds[name] = unet_inputs(spec, Conditioning(cond, uncond), rows, guided, device)
     return feeds

@@ -227,15 +227,30 @@ def _image_and_mask(image_path: str, mask_path: str, size: tuple[int, int] | Non
 
 def _mca_ctrl(values: Values, preset: Preset):
     from vgrt.runtime.methods.mca_ctrl import McaCtrlRequest
+    from vgrt.runtime.methods.subject_localization import LocalizationSettings
 
     _output_size(values, preset, values["condition"])
     size = _size(values["size"])
-    subject, subject_mask = _image_and_mask(values["subject"], values["subject_mask"], size, "subject")
-    condition, region_mask = _image_and_mask(values["condition"], values["region_mask"], size, "condition")
+    subject, subject_mask = _image_and_drawn_mask(values["subject"], values["subject_mask"], size, "subject")
+    condition, region_mask = _image_and_drawn_mask(values["condition"], values["region_mask"], size, "condition")
+    localization = LocalizationSettings(
+        grounding=values["grounding"], sam=values["sam"], box_threshold=values["box_threshold"],
+        text_threshold=values["text_threshold"], detections=values["detections"],
+    )  # fmt: skip
     return McaCtrlRequest(
         subject, subject_mask, condition, region_mask, mode=values["mode"], prompt=values["prompt"],
         steps=values["steps"], guidance_scale=values["guidance"], seed=values["seed"],
+        subject_text=values["subject_text"], region_text=values["region_text"], localization=localization,
     )  # fmt: skip
+
+
+def _image_and_drawn_mask(image_path: str, mask_path: str | None, size: tuple[int, int] | None, name: str):
+    """The image and its mask; the mask None where a text names it instead (found when composing)."""
+    if mask_path is not None:
+        return _image_and_mask(image_path, mask_path, size, name)
+    from vgrt.runtime.images import load_image
+
+    return load_image(image_path, size), None
 
 
 def _mca_ctrl_benchmark(examples: Examples, work: Work) -> Values:
@@ -255,11 +270,32 @@ MCA_CTRL = Method(
     components=("vae_encoder", "text_encoder", "vae_decoder", "unet"),
     options=(
         Option("subject", "subject image", required=True),
-        Option("subject_mask", "mask of the subject in its image (non-zero = inside)", required=True),
+        Option("subject_mask", "mask of the subject in its image (non-zero = inside)", one_of="subject_mask"),
+        Option(
+            "subject_text",
+            "what the subject is, found in the subject image (Grounding DINO + SAM)",
+            one_of="subject_mask",
+        ),
         Option("condition", "scene image (edit) / size reference (generate)", required=True),
-        Option("region_mask", "where the subject goes (non-zero = inside)", required=True),
+        Option("region_mask", "where the subject goes (non-zero = inside)", one_of="region_mask"),
+        Option(
+            "region_text",
+            "what marks where the subject goes, found in the condition image (Grounding DINO + SAM)",
+            one_of="region_mask",
+        ),
         Option("mode", "edit (into the condition image) or generate", default="edit", choices=("edit", "generate")),
         Option("prompt", "text for the target branch", default=""),
+        # The Subject Localization Module (vgrt.runtime.methods.subject_localization), the released code's defaults
+        Option("grounding", "Grounding DINO transformers folder for the texts (default: WEIGHTS/grounding_dino)"),
+        Option("sam", "SAM transformers folder for the texts (default: WEIGHTS/sam)"),
+        Option("box_threshold", "Grounding DINO score a detection must pass", float, default=0.3),
+        Option("text_threshold", "score of the words that name a detection (logged)", float, default=0.25),
+        Option(
+            "detections",
+            "of several detections: the best one's mask, or the union of all",
+            default="best",
+            choices=("best", "union"),
+        ),
         *common_options(),
     ),
     build=_mca_ctrl,
@@ -372,8 +408,9 @@ LOCREF = Method(
 def _vcf(values: Values, preset: Preset):
     from vgrt.runtime.images import load_image
     from vgrt.runtime.methods.pno import PnoSettings
-    from vgrt.runtime.methods.vcf import VcfRequest
+    from vgrt.runtime.methods.vcf import VcfRequest, check_preset
 
+    check_preset(preset)
     width, height = _output_size(values, preset, values["reference"])
     pno = None
     if values["pno_steps"] != 0:
@@ -426,6 +463,7 @@ VCF = Method(
     ),
     build=_vcf,
     benchmarks={"vcf": _vcf_benchmark, "vcf-pno": _vcf_pno_benchmark},
+    description="SD 1.x and 2.x presets only: SDXL ones are refused (the released aligner and code are SD 2.1's).",
 )
 
 

@@ -16,6 +16,11 @@ Follows the released code (thijmennijdam/stable-diffusion-v2, `ldm/models/diffus
 - Schedule: the preset's prediction type (v-prediction for sd21) with SD's DDIM, eta 0; the code's
   defaults are 50 steps and guidance 9.
 
+Not on SDXL (refused before any work, `check_preset`): the aligner maps image tokens into one text
+encoder's token space (the released one SD 2.1's), and the code, an SD 2 `ldm` codebase, has no SDXL;
+SDXL's context is two encoders' spaces side by side plus a pooled embedding the fused image would not
+reach, and no aligner is released for it.
+
 Where this differs: the code's blend averages all tokens whatever `fusion_token_type` says, and its
 optional norm matching of blended image features (`amplify_image_features`) and image-first order
 (`ref_first`) are not offered; here the token selection applies to every fusion mode.
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 
 from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError
-from vgrt.models.presets import Range
+from vgrt.models.presets import Preset, Range
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.methods.common import Composition, clip_pixels, decode, start
@@ -94,6 +99,16 @@ class VcfComposition(Composition):
         denoising, decoding; host-side glue included)."""
         stages = self.times.seconds
         return {"pytorch": stages.get("pno", 0.0), "engine": sum(s for name, s in stages.items() if name != "pno")}
+
+
+def check_preset(preset: Preset) -> None:
+    """Refuse SDXL presets (see the module's docstring), before any image is read or engine runs."""
+    if preset.is_sdxl:
+        raise InvalidInputError(
+            f"VCF does not run on SDXL ({preset.name!r}): its aligner maps image tokens into one text encoder's "
+            "space (SD 2.1's in the released code), while SDXL conditions on two encoders plus a pooled embedding; "
+            "use an SD 2.1 or SD 1.x preset"
+        )
 
 
 def select_tokens(tokens: torch.Tensor, which: str) -> torch.Tensor:
@@ -169,7 +184,14 @@ def encode(composer: Composer, request: VcfRequest) -> tuple[torch.Tensor, torch
 
 
 def compose(composer: Composer, request: VcfRequest) -> VcfComposition:
-    run = start(composer, request, (request.width, request.height), "none", COMPONENTS)
+    run = start(
+        composer,
+        request,
+        (request.width, request.height),
+        "none",
+        COMPONENTS,
+        check=lambda: check_preset(composer.preset),
+    )
     unet, times = run.unet, run.times
     text_tokens = composer.runner("text_encoder").spec.input("input_ids").shape[1]
     outputs = composer.runner("image_encoder").spec.outputs

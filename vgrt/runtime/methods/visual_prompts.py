@@ -43,7 +43,7 @@ from vgrt.models.presets import ShapeProfile
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.images import Box
-from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels, decode, layer_gates, start
+from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels, decode, layer_gates, split_rows, start
 from vgrt.runtime.methods.compositional_guidance import (
     GuidanceModules,
     GuidanceStep,
@@ -227,10 +227,11 @@ def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsC
         )
     f, count, device = composer.preset.vae_factor, len(request.objects), composer.device
     with times("encode"):
-        empty, prompt = composer.encode_prompts(["", request.prompt]).split(1)
+        text = composer.text_conditioning(["", request.prompt], request.width, request.height)
+        empty, prompt = split_rows(text)
         tokens = encode_objects(composer, request.objects)
     cond = {
-        "encoder_hidden_states": prompt,
+        **prompt,
         "extra_tokens": tokens.values.reshape(1, -1, tokens.values.shape[-1]),
         "extra_key_tokens": tokens.keys.reshape(1, -1, tokens.keys.shape[-1]),
         "extra_gate": torch.ones(1, 1, *latent_hw, device=device),
@@ -238,7 +239,7 @@ def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsC
         "token_regions": token_regions(count, device),
         "layer_gates": layer_gates(unet.spec.input("layer_gates").shape[0], device, extra=1.0),
     }
-    uncond = {"encoder_hidden_states": empty, "extra_gate": torch.zeros(1, 1, *latent_hw, device=device)}
+    uncond = {**composer.unconditional(empty), "extra_gate": torch.zeros(1, 1, *latent_hw, device=device)}
     noise = random_latents(
         (1, unet.spec.input("sample").shape[1], *latent_hw), torch.Generator().manual_seed(request.seed), device
     )
