@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vgrt.engines.base import Runner
+from vgrt.models.presets import get_preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +209,7 @@ def test_a_real_method_run_is_captured(tmp_path, composer_cache):
     from vgrt.calibration.capture import capture, example_runs
     from vgrt.models.source import ModelSource
 
-    runs = example_runs("mca-ctrl", "tiny", size=32, steps=2, seeds=(0,))
+    runs = example_runs("mca-ctrl", get_preset("tiny"), size=32, steps=2, seeds=(0,))
     calibration = capture(tmp_path / "set", ModelSource("tiny"), runs, cache=composer_cache, progress=False)
     (run,) = calibration.runs.values()
     # 2 inversion calls of the plain UNet (another layout: left out) and 2 denoising calls of the mutual one

@@ -8,7 +8,7 @@ import pytest
 
 from vgrt.cli import main
 from vgrt.client import multipart
-from vgrt.errors import InvalidInputError
+from vgrt.errors import InvalidInputError, WeightsError
 from vgrt.serve.service import ComposeService, ServeSettings
 
 from ..cli_args import mca_ctrl_args
@@ -108,6 +108,31 @@ def test_failures_are_500_without_internals_and_the_service_keeps_serving(servic
 def test_settings_are_refused_before_any_export(settings, message):
     with pytest.raises(InvalidInputError, match=message):
         ServeSettings.from_mapping(settings).check()
+
+
+def test_a_published_folder_is_served_under_its_own_preset(tmp_path):
+    from vgrt.models.diffusers_folder import write_diffusers_folder
+    from vgrt.models.source import ModelSource
+
+    folder = write_diffusers_folder(ModelSource("tiny-sdxl"), tmp_path / "model")
+    settings = ServeSettings.from_mapping({"weights": str(folder), "backend": "onnxruntime"})
+    settings.check()
+    assert settings.source().model_preset().name == "tiny-sdxl"
+    assert settings.name == "tiny-sdxl-onnxruntime-fp32"
+
+
+def test_an_adapter_that_does_not_fit_is_refused_before_any_export(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "ip-adapter_sd15.safetensors"  # IP-Adapter's layout, for a 1024-wide context
+    save_file({"image_proj.proj.weight": torch.zeros(4 * 1024, 32), "image_proj.proj.bias": torch.zeros(4 * 1024),
+               "image_proj.norm.weight": torch.ones(1024), "image_proj.norm.bias": torch.zeros(1024)}, adapter)  # fmt: skip
+    settings = ServeSettings.from_mapping({"preset": "tiny", "adapters": str(adapter), "backend": "onnxruntime"})
+    with pytest.raises(
+        WeightsError, match=r"does not fit the image_proj: wrong shape: .* is \[1024\], the model takes \[32\]"
+    ):
+        settings.check()
 
 
 def _cli_args(method, values: dict, out) -> list[str]:

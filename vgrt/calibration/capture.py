@@ -27,6 +27,7 @@ from vgrt.calibration.dataset import CalibrationSet, CapturedRun, SetWriter, ope
 from vgrt.checks import check_seed
 from vgrt.engines.base import Runner, RunnerWrapper
 from vgrt.errors import InvalidInputError
+from vgrt.models.presets import Preset
 from vgrt.models.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,11 @@ def plan_runs(name: str, method: Any, request: Any, seeds: Sequence[int] = DEFAU
 
 
 def example_runs(
-    case: str, preset: str, size: int | None = None, steps: int = DEFAULT_STEPS, seeds: Sequence[int] = DEFAULT_SEEDS
+    case: str, model: Preset, size: int | None = None, steps: int = DEFAULT_STEPS, seeds: Sequence[int] = DEFAULT_SEEDS
 ) -> list[PlannedRun]:
     """The benchmark `case` of `vgrt bench compose` (a method, or a variant such as vcf-pno) on the example
-    inputs of `vgrt examples`, at `size` (default: the preset's native size)."""
+    inputs of `vgrt examples`, at `size` (default: the model's native size)."""
     from vgrt.bench.compose_methods import example_images
-    from vgrt.models.presets import get_preset
     from vgrt.runtime.images import check_preset_image_size
     from vgrt.runtime.methods.registry import BENCHMARKS, Work
 
@@ -122,9 +122,8 @@ def example_runs(
         raise InvalidInputError(f"unknown method {case!r}; choose one of: {', '.join(BENCHMARKS)}")
     if steps < 1:
         raise InvalidInputError(f"--steps must be >= 1, got {steps}")
-    model = get_preset(preset)
     size = size or model.profile.latent.opt * model.vae_factor
-    check_preset_image_size(model, size, size, what=f"--example-size {size} ({preset} preset)")
+    check_preset_image_size(model, size, size, what=f"--example-size {size} ({model.name} preset)")
     method, values = BENCHMARKS[case]
     with example_images(model, size) as examples:
         request = method.request(values(examples, Work(steps)), model)

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.from_set:
         calibration = read_set(calibration_set)
     else:
-        runs = _planned_runs(args)
+        runs = _planned_runs(args, source.model_preset())
         calibration = capture(calibration_set, source, runs, calls, args.max_samples, cache=args.cache)
         print(f"captured {len(calibration)} samples in {calibration_set}")
         if args.capture_only:
@@ -150,19 +150,18 @@ def _seeds(text: str) -> list[int]:
         raise InvalidInputError(f"--seeds {text!r} is not comma-separated whole numbers, e.g. 0,1") from None
 
 
-def _planned_runs(args: argparse.Namespace):
+def _planned_runs(args: argparse.Namespace, model):
     """The runs to capture: the method on the inputs given, or on the example inputs when none are."""
     from vgrt.calibration import DEFAULT_STEPS
     from vgrt.calibration.capture import example_runs, plan_runs
-    from vgrt.models.presets import get_preset
     from vgrt.runtime.methods.registry import METHODS
 
     method, seeds = METHODS[args.method], _seeds(args.seeds)
     steps = args.steps or DEFAULT_STEPS
     given = {o.name: getattr(args, o.name) for o in method.options if getattr(args, o.name) is not None}
     if not set(given) - NOT_INPUTS:
-        return example_runs(method.name, args.preset, args.example_size, steps, seeds)
-    request = method.request({**given, "steps": steps}, get_preset(args.preset))
+        return example_runs(method.name, model, args.example_size, steps, seeds)
+    request = method.request({**given, "steps": steps}, model)
     return plan_runs(method.name, method, request, seeds)
 
 

@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--weights", help="local diffusers folder as published; its preset is read from its configs")
     model.add_argument(
+        "--adapter", action="append", metavar="PATH",
+        help="adapter checkpoint as its authors publish it, or a folder of them (repeatable; as vgrt compose)",
+    )  # fmt: skip
+    model.add_argument("--allow-pickle", action="store_true", help="also read pickled checkpoints (.bin, .pth)")
+    model.add_argument(
         "--backend",
         choices=BACKENDS,
         help="default: openvino where it is installed, else onnxruntime (as vgrt compose)",
@@ -75,14 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vgrt.engines import default_backend
     from vgrt.errors import InvalidInputError
-    from vgrt.models.source import ModelSource
     from vgrt.serve.app import Scaling, build_app
     from vgrt.serve.service import ServeSettings
 
     if args.config:
         return _run_config(args.config)
     settings = ServeSettings(
-        preset=ModelSource.from_options(args.preset, args.weights).preset, weights=args.weights, backend=args.backend or default_backend(), device=args.device, attention=args.attention,
+        preset=args.preset, weights=args.weights, adapters=tuple(args.adapter or ()), allow_pickle=args.allow_pickle,
+        backend=args.backend or default_backend(), device=args.device, attention=args.attention,
         precision=args.precision, cache=args.cache, threads=args.threads,
         methods=tuple(name for name in args.methods.split(",") if name), warmup=args.warmup,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),

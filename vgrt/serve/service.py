@@ -36,8 +36,8 @@ WARMUPS = ("compose", "open")  # one 2-step request per method, or only open its
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What one deployment serves, as `vgrt compose` takes it (--preset, --weights, --backend, --device,
-    --attention, --precision, --cache), and how.
+    """What one deployment serves, as `vgrt compose` takes it (--preset, --weights, --adapter, --allow-pickle,
+    --backend, --device, --attention, --precision, --cache), and how.
 
     threads: inference threads of the runners and of torch (0: the libraries choose).
     methods: the methods served (empty: all of the registry).
@@ -48,8 +48,10 @@ class ServeSettings:
     batch_wait_ms: how long a batch waits for more requests, and a UNet call for the batch's other calls.
     """
 
-    preset: str = "tiny"
+    preset: str | None = None  # None: the weights folder's own, else tiny
     weights: str | None = None
+    adapters: tuple[str, ...] = ()
+    allow_pickle: bool = False
     backend: str = field(default_factory=default_backend)  # as `vgrt compose` chooses when none is named
     device: str | None = None
     attention: str | None = None
@@ -74,14 +76,28 @@ class ServeSettings:
         values = dict(given)
         if isinstance(values.get("methods"), str):
             values["methods"] = tuple(name for name in values["methods"].split(",") if name)
-        return cls(**{**values, "methods": tuple(values.get("methods", ()))})
+        if isinstance(values.get("adapters"), str):
+            values["adapters"] = (values["adapters"],)
+        return cls(
+            **{**values, "methods": tuple(values.get("methods", ())), "adapters": tuple(values.get("adapters", ()))}
+        )
+
+    def source(self):
+        """The model served: `vgrt compose`'s ModelSource for these settings."""
+        from dataclasses import replace
+
+        from vgrt.models.source import ModelSource
+
+        source = ModelSource.from_options(self.preset, self.weights)
+        return replace(source, adapters=self.adapters, allow_pickle=self.allow_pickle)
 
     def check(self) -> None:
         """Refuse settings that cannot work, before anything is exported."""
-        from vgrt.models.source import ModelSource
+        from vgrt.models.adapter_checkpoints import check_source_adapters
         from vgrt.runtime.methods.registry import get_method
 
-        ModelSource(self.preset, weights=self.weights).model_preset()  # a weights folder's configs are read here
+        source = self.source()
+        check_source_adapters(source, source.model_preset())  # a weights folder's configs are read here
         for name in self.methods:
             get_method(name)
         if self.warmup not in WARMUPS:
@@ -116,7 +132,7 @@ class ServeSettings:
         """The deployment's name: model, backend and precision, e.g. 'tiny-onnxruntime-fp32'."""
         from vgrt.precision import default_precision
 
-        return f"{self.preset}-{self.backend}-{self.precision or default_precision(self.backend)}"
+        return f"{self.source().model_preset().name}-{self.backend}-{self.precision or default_precision(self.backend)}"
 
 
 class ComposeService:
@@ -126,12 +142,11 @@ class ComposeService:
     them as Prometheus metrics)."""
 
     def __init__(self, settings: ServeSettings, observe: Callable[[str, dict[str, float]], None] | None = None) -> None:
-        from vgrt.models.source import ModelSource
         from vgrt.runtime.methods.registry import METHODS, get_method
 
         settings.check()
         self.settings = settings
-        self.preset = ModelSource(settings.preset, weights=settings.weights).model_preset()
+        self.preset = settings.source().model_preset()
         self.methods = {name: get_method(name) for name in settings.methods or METHODS}
         self.composer = None
         self.observe = observe
@@ -169,7 +184,6 @@ class ComposeService:
         from vgrt.checks import check_writable_folder
         from vgrt.engines.merging import CallMerger
         from vgrt.export.cache import cache_root
-        from vgrt.models.source import ModelSource
         from vgrt.runtime.composer import Composer
 
         s = self.settings
@@ -179,8 +193,7 @@ class ComposeService:
         if s.max_batch > 1:
             self.merger = CallMerger(self.preset.profile.batch.max, s.batch_wait_ms / 1000)
         hook = self.merger.hook if self.merger else None
-        source = ModelSource(s.preset, weights=s.weights)
-        return Composer(source, s.backend, cache=s.cache, progress=False, runner_hook=hook, **s.composer_options())
+        return Composer(s.source(), s.backend, cache=s.cache, progress=False, runner_hook=hook, **s.composer_options())
 
     def _warm(self) -> None:
         if self.settings.warmup == "open":
