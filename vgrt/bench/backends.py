@@ -15,6 +15,8 @@ _DOCTOR_CHECKS = {
     "onnxruntime": ("onnxruntime",),
     "openvino": ("openvino",),
     "openvino-bf16": ("openvino", "openvino-bf16"),
+    "onnxruntime-int8": ("onnxruntime",),  # the INT8 export of `vgrt calibrate` (--quantised)
+    "openvino-int8": ("openvino",),
     "vgrt-onnxruntime": ("onnxruntime",),
     "vgrt-openvino": ("openvino",),
     "vgrt-openvino-bf16": ("openvino", "openvino-bf16"),

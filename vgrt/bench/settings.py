@@ -13,6 +13,7 @@ DTYPES = ("fp32", "fp16")
 _FLAGS = {
     "presets": "--preset", "batches": "--batch", "latents": "--latent", "features": "--features",
     "dtypes": "--precision", "backends": "--backends", "export_dir": "--export-dir", "methods": "--methods",
+    "quantised_dir": "--quantised",
     "steps": "--steps", "gradient_steps": "--gradient-steps",
 }  # fmt: skip
 COMPOSE_STEPS, QUICK_COMPOSE_STEPS = 20, 3
@@ -48,6 +49,7 @@ class BenchSettings:
     threads: int = 0  # 0: PyTorch's default thread count; ONNX Runtime gets the same number
     quick: bool = False
     export_dir: str | None = None
+    quantised_dir: str | None = None  # an INT8 export of `vgrt calibrate`, timed as the *-int8 competitors
     methods: tuple[str, ...] = ()
     steps: int | None = None
     gradient_steps: int | None = None
@@ -67,6 +69,7 @@ def make_settings(
     threads: int = 0,
     quick: bool = False,
     export_dir: str | None = None,
+    quantised_dir: str | None = None,
     methods: tuple[str, ...] | None = None,
     steps: int | None = None,
     gradient_steps: int | None = None,
@@ -75,7 +78,8 @@ def make_settings(
     spec = get_suite(suite)
     given = {
         "backends": backends, "presets": presets, "batches": batches, "latents": latents,
-        "features": features, "dtypes": dtypes, "export_dir": export_dir, "methods": methods, "steps": steps,
+        "features": features, "dtypes": dtypes, "export_dir": export_dir, "quantised_dir": quantised_dir,
+        "methods": methods, "steps": steps,
         "gradient_steps": gradient_steps,
     }  # fmt: skip
     refused = [_FLAGS[name] for name, value in given.items() if value is not None and name not in spec.options]
@@ -98,7 +102,7 @@ def make_settings(
         presets, features, dtypes = _from_export(export_dir, presets, features, dtypes)
     settings = BenchSettings(
         suite=suite,
-        backends=select_backends(spec, backends),
+        backends=_without_unasked_int8(select_backends(spec, backends), backends, quantised_dir),
         presets=presets or _default_presets(suite, quick),
         batches=batches or (),
         latents=latents or (),
@@ -108,11 +112,51 @@ def make_settings(
         threads=threads,
         quick=quick,
         export_dir=export_dir,
+        quantised_dir=quantised_dir,
         **(_compose_options(methods, steps, gradient_steps, quick) if suite == "compose" else {}),
         **(_peer_options(presets, steps, quick) if suite == "peer" else {}),
     )
     _check_models(settings)
+    _check_quantised(settings)
     return settings
+
+
+QUANTISED_BACKENDS = ("onnxruntime-int8", "openvino-int8")
+
+
+def _without_unasked_int8(selected: tuple[str, ...], requested, quantised_dir: str | None) -> tuple[str, ...]:
+    """Every available backend, when none is named, means the INT8 ones only where an INT8 export is given."""
+    if requested is not None or quantised_dir is not None:
+        return selected
+    return tuple(b for b in selected if b not in QUANTISED_BACKENDS)
+
+
+def _check_quantised(settings: BenchSettings) -> None:
+    """The *-int8 competitors and --quantised come together, and the INT8 export is of the model timed."""
+    timed = [b for b in settings.backends if b in QUANTISED_BACKENDS]
+    if settings.quantised_dir is None:
+        if timed:
+            raise InvalidInputError(
+                f"{', '.join(timed)} time an INT8 export: give it with --quantised DIR (the --out of vgrt calibrate)"
+            )
+        return
+    if not timed:
+        raise InvalidInputError(f"--quantised is timed as {' or '.join(QUANTISED_BACKENDS)}: add one to --backends")
+    from vgrt.export.manifest import read_manifest
+
+    manifest = read_manifest(settings.quantised_dir)
+    if manifest.data.get("precision") != "int8":
+        raise InvalidInputError(
+            f"--quantised {settings.quantised_dir!r} holds a {manifest.data.get('precision', 'float')} export, not "
+            "an INT8 one; give the --out of `vgrt calibrate --target cpu`"
+        )
+    found = (manifest.data["preset"], features_text(frozenset(manifest.component("unet").features)))
+    if (settings.presets, settings.features) != ((found[0],), (found[1],)):
+        raise InvalidInputError(
+            f"--quantised {settings.quantised_dir!r} is {found[0]} with features {found[1]}, and the run times "
+            f"{','.join(settings.presets)} with {','.join(settings.features)}: give the export of the same model "
+            "(--export-dir) or --preset and --features that match"
+        )
 
 
 def _compose_options(

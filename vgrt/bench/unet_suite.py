@@ -41,10 +41,13 @@ def run(settings: BenchSettings) -> SuiteOutput:
             exports.append(made)
             with ExitStack() as stack:
                 runners = {
-                    backend: stack.enter_context(_runner(directory, backend, device, ort, settings.threads))
+                    backend: stack.enter_context(
+                        _runner(settings.quantised_dir if "int8" in backend else directory, backend, device, ort,
+                                settings.threads)
+                    )
                     for backend in settings.backends
                     if backend != "torch-bf16"  # the torch module, under autocast
-                }
+                }  # fmt: skip
                 cases += _time_sizes(directory, runners, settings, device)
     details = {"torch_device": device, "onnxruntime": asdict(ort), "exports": exports}
     return SuiteOutput("+".join(settings.presets), tuple(cases), details)
@@ -69,6 +72,10 @@ def _exported(export_settings: ExportSettings, export_dir: str | None) -> Iterat
 def _runner(directory: Path, backend: str, device: str, ort: OrtSettings, threads: int):
     if backend == "torch":
         return open_runner(directory, backend="torch", device=device)
+    if backend == "onnxruntime-int8":
+        return open_runner(directory, backend="onnxruntime", **asdict(ort))
+    if backend == "openvino-int8":  # fp32 around the quantised layers, as vgrt compose runs it
+        return open_runner(directory, backend="openvino", threads=threads, reuse_outputs=True)
     if backend in ("onnxruntime", "onnxruntime-cuda"):
         provider = "cuda" if backend == "onnxruntime-cuda" else "cpu"
         return open_runner(directory, backend="onnxruntime", **{**asdict(ort), "provider": provider})

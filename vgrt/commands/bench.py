@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON and PNG (default: {DEFAULT_OUT})")
     parser.add_argument("--export-dir", help="unet suite: time this existing export instead of exporting first")
+    parser.add_argument(
+        "--quantised", metavar="DIR",
+        help="unet suite: an INT8 export of the same model (the --out of vgrt calibrate), timed as the competitors "
+        "onnxruntime-int8 and openvino-int8",
+    )  # fmt: skip
     parser.add_argument("--methods", help="compose suite: comma-separated methods (default: every one it knows)")
     parser.add_argument(
         "--steps",
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         quick=args.quick,
         export_dir=args.export_dir,
+        quantised_dir=args.quantised,
         methods=_names(args.methods),
         steps=args.steps,
         gradient_steps=args.gradient_steps,

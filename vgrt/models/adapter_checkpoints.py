@@ -155,12 +155,14 @@ VGRT = Layout(
     name="vgrt adapter layout",
     published=(
         "defined by vgrt (no public weights for LocRef or object-level visual prompts): one .safetensors file whose "
-        "keys are <component>.<parameter>, the parameter names of vgrt.models.adapters"
+        "keys are <component>.<parameter>, the parameter names of vgrt.models.adapters, and the UNet's image-token "
+        "projections as unet.<i>.to_k_extra.weight / unet.<i>.to_v_extra.weight (i as IP-Adapter indexes them)"
     ),
     provenance="vgrt's definition",
-    prefixes={c: f"{c}." for c in VGRT_COMPONENTS},
-    signature=lambda keys: bool(keys) and all(k.split(".", 1)[0] in VGRT_COMPONENTS for k in keys),
-    keys="<component>.<parameter> for components " + ", ".join(VGRT_COMPONENTS),
+    # the UNet's projections too: LocRef and visual prompts train them with their adapters
+    prefixes={c: f"{c}." for c in (*VGRT_COMPONENTS, UNET)},
+    signature=lambda keys: bool(keys) and all(k.split(".", 1)[0] in (*VGRT_COMPONENTS, UNET) for k in keys),
+    keys="<component>.<parameter> for components " + ", ".join((*VGRT_COMPONENTS, UNET)),
 )
 
 LAYOUTS = (IP_ADAPTER, AICOMPOSER_MLP, VCF_ALIGNER, VGRT)

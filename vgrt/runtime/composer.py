@@ -96,13 +96,27 @@ class Composer:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, preset: str | None = None, backend: str = "onnxruntime", **options
+        cls,
+        directory: str | Path,
+        preset: str | None = None,
+        backend: str = "onnxruntime",
+        adapters: tuple[str | Path, ...] = (),
+        allow_pickle: bool = False,
+        **options,
     ) -> "Composer":
         """Real weights from a local diffusers folder as published (model_index.json, unet/, vae/, text_encoder/,
-        tokenizer/, scheduler/; SDXL's text_encoder_2/, tokenizer_2/); its preset is read from its configs."""
+        tokenizer/, scheduler/; SDXL's text_encoder_2/, tokenizer_2/); its preset is read from its configs.
+        `adapters`: the method's adapter checkpoints as published, or folders of them (as `vgrt compose --adapter`);
+        `allow_pickle` also reads pickled ones (.bin, .pth), which can run code when loaded."""
+        from vgrt.models.adapter_checkpoints import check_source_adapters
+
         if not Path(directory).is_dir():
             raise InvalidInputError(f"{str(directory)!r} is not a folder; give a local diffusers model folder")
-        return cls(ModelSource(preset, weights=str(directory)), backend, **options)
+        source = ModelSource(
+            preset, weights=str(directory), adapters=tuple(map(str, adapters)), allow_pickle=allow_pickle
+        )
+        check_source_adapters(source, source.model_preset())  # before any export, as `vgrt compose` does
+        return cls(source, backend, **options)
 
     @classmethod
     def from_exports(cls, *folders: str | Path, backend: str = "onnxruntime", **options) -> "Composer":
