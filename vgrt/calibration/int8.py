@@ -37,6 +37,7 @@ from vgrt.calibration import DEFAULT_SQNR_THRESHOLD_DB
 from vgrt.calibration.dataset import CalibrationSet, read_set
 from vgrt.calibration.sensitivity import QUANTISED_OPS, layer_sqnr_db
 from vgrt.errors import InvalidInputError
+from vgrt.export.blobs import external_files, private_copy
 from vgrt.export.manifest import read_manifest, write_manifest
 from vgrt.export.staging import atomic_directory, claimed_target
 from vgrt.export.verify import remember, stamp_file
@@ -112,9 +113,8 @@ def quantize_export(
         )
     calibration = calibration if isinstance(calibration, CalibrationSet) else read_set(calibration)
     calib, held = split_feeds(calibration, {t.name for t in entry.spec.inputs}, settings.held_out)
-    source = manifest.path(entry)
     out = Path(out)
-    with claimed_target(out), atomic_directory(out) as staging:
+    with claimed_target(out), atomic_directory(out) as staging, private_copy(manifest.path(entry)) as source:
         target = staging / entry.file
         report = quantise_with_fallback(
             lambda float_layers: quantise_qdq(source, target, calib, float_layers), source, target, held, settings
@@ -183,6 +183,7 @@ def quantise_qdq(source: Path, target: Path, feeds: list[dict[str, np.ndarray]],
             op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=list(float_layers),
             activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            use_external_data_format=bool(external_files(source)),  # above protobuf's 2 GB (SD UNets in fp32)
         )  # fmt: skip
 
 
@@ -254,10 +255,11 @@ def write_quantised_manifest(
 ) -> None:
     """The manifest of a quantised export of `component`: the source export's, with the quantised file, the
     precision and `scheme` (tool, precision, backends and what stays in float), and what was measured."""
-    stamp = stamp_file(staging / file)
+    stamps = {name: stamp_file(staging / name) for name in [file, *external_files(staging / file)]}
     entry = dict(source["components"][component])
-    entry.update(file=file, onnx_sha256=stamp.sha256, files={file: {"bytes": stamp.bytes, "sha256": stamp.sha256}})
-    remember(staging, {file: stamp})
+    files = {name: {"bytes": stamp.bytes, "sha256": stamp.sha256} for name, stamp in stamps.items()}
+    entry.update(file=file, onnx_sha256=stamps[file].sha256, files=files)
+    remember(staging, stamps)
     data = {key: value for key, value in source.items() if key != "format_version"}
     data["components"] = {component: entry}
     data["precision"] = scheme["precision"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vgrt._lazy import require
+from vgrt.export.blobs import external_files
 
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # those vgrt.calibration.int8 quantises; other readers of a
 # dequantized tensor (Shape, the GroupNorm decomposition) compute nothing quantised themselves
@@ -59,12 +60,14 @@ def _float_values(reference: Path, names: set[str], feeds: list[dict[str, np.nda
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
     inputs = {i.name for i in model.graph.input}
     activations = sorted(names - set(weights) - inputs)
-    outputs = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in activations if name not in outputs)
+    del model  # the probe below keeps the weights where they are
+    probe = onnx.load(str(reference), load_external_data=False)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in activations if name not in outputs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _session_of(probe, reference, options)
     values = {name: [w] for name, w in weights.items()}
     for feed in feeds:
         for name, value in zip(activations, session.run(activations, feed)):
@@ -111,3 +114,18 @@ def _fake_quant(value: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: in
     ml_dtypes = require("ml_dtypes")
     limit = float(ml_dtypes.finfo(kind).max)
     return np.clip(value / s, -limit, limit).astype(kind).astype(np.float64) * s
+
+
+def _session_of(probe, reference: Path, options):
+    """An ONNX Runtime session of `probe`, a graph of `reference` with more outputs. With weights in files
+    (a large model: protobuf holds 2 GB) the probe is saved beside `reference`, which must then be a private
+    copy (vgrt.export.blobs.private_copy), and removed once the session holds the weights."""
+    ort = require("onnxruntime")
+    if not external_files(reference):
+        return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    path = reference.with_name(f".probe-{reference.name}")
+    require("onnx").save(probe, str(path))
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    finally:
+        path.unlink()

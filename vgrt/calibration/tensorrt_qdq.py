@@ -48,6 +48,7 @@ from vgrt.calibration.int8 import (
 )
 from vgrt.calibration.sensitivity import QUANTISED_OPS
 from vgrt.errors import InvalidInputError
+from vgrt.export.blobs import external_files, private_copy
 from vgrt.export.manifest import read_manifest
 from vgrt.export.spec import ComponentSpec
 from vgrt.export.staging import atomic_directory, claimed_target
@@ -112,9 +113,8 @@ def quantize_for_tensorrt(
     calibration = calibration if isinstance(calibration, CalibrationSet) else read_set(calibration)
     calib, held = split_feeds(calibration, {t.name for t in entry.spec.inputs}, settings.held_out)
     calib, held = _in_spec_dtypes(calib, entry.spec), _in_spec_dtypes(held, entry.spec)
-    source = manifest.path(entry)
     out = Path(out)
-    with claimed_target(out), atomic_directory(out) as staging:
+    with claimed_target(out), atomic_directory(out) as staging, private_copy(manifest.path(entry)) as source:
         target = staging / entry.file
 
         def quantise(float_layers: list[str]) -> None:
@@ -147,6 +147,7 @@ def quantise_symmetric(
                 "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                 "AddQDQPairToWeight": precision == "fp8",
             },
+            use_external_data_format=bool(external_files(source)),  # above protobuf's 2 GB (SDXL in fp16)
         )  # fmt: skip
 
 

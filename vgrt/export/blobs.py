@@ -12,6 +12,10 @@ own copy. Not symbolic links: ONNX Runtime and OpenVINO refuse weights outside t
 import logging
 import os
 import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vgrt.export.staging import describe_os_error
@@ -99,3 +103,30 @@ def prune_orphans(store: Path) -> int:
             path.unlink(missing_ok=True)
             freed += stat.st_size
     return freed
+
+
+@contextmanager
+def private_copy(onnx_file: Path) -> Iterator[Path]:
+    """`onnx_file` itself when its weights are inside it, else a private copy of it and its weight files.
+
+    Tools that read a large export through the onnx package need the copy: onnx refuses external data with
+    more than one hard link (a guard against reading files through planted links), and the cache links
+    shared weights; tools may also write probe graphs beside the copy. It is made beside the export's folder
+    (same file system, which has room for it) and removed after."""
+    weights = [onnx_file.parent / name for name in external_files(onnx_file)]
+    if not weights:
+        yield onnx_file
+        return
+    with tempfile.TemporaryDirectory(prefix=".vgrt-private-", dir=onnx_file.parent.parent) as scratch:
+        for path in [onnx_file, *weights]:
+            shutil.copyfile(path, Path(scratch) / path.name)
+        yield Path(scratch) / onnx_file.name
+
+
+def external_files(onnx_file: Path) -> list[str]:
+    """Names of the files holding the external data of `onnx_file`'s initializers, relative to its folder."""
+    import onnx
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    external = (t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    return sorted({entry.value for tensor in external for entry in tensor.external_data if entry.key == "location"})
