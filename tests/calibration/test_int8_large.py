@@ -22,8 +22,8 @@ def large_shared_export(tmp_path_factory):
 def test_int8_is_calibrated_from_a_shared_large_export(large_shared_export, synthetic_set, tmp_path):
     from vgrt.calibration.int8 import Int8Settings, quantize_export
     from vgrt.engines import open_runner
-    from vgrt.export.blobs import external_files
     from vgrt.export import example_feed
+    from vgrt.export.blobs import external_files
     from vgrt.export.manifest import read_manifest
 
     export = large_shared_export
