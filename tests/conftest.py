@@ -2,7 +2,7 @@
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,24 +74,28 @@ def composer_cache(tmp_path_factory):
 RUNNER_OPTIONS = {"openvino": {"threads": 1}}
 
 
-@pytest.fixture(scope="session")
-def composers(composer_cache):
-    """composers(backend) -> a tiny-preset Composer on `backend` (torch, onnxruntime, openvino), one per session."""
+def composers_of(preset: str, cache) -> Iterator[Callable]:
+    """For fixtures: get(backend) -> a Composer of `preset` on `backend`, made once; all closed at teardown."""
     from vgrt.runtime.composer import Composer
 
     made = {}
 
-    def get(backend: str):
+    def get(backend: str) -> Composer:
         if backend not in made:
             made[backend] = Composer.from_preset(
-                "tiny", backend=backend, cache=composer_cache, progress=False,
-                runner_options=RUNNER_OPTIONS.get(backend, {}),
-            )  # fmt: skip
+                preset, backend=backend, cache=cache, progress=False, runner_options=RUNNER_OPTIONS.get(backend, {})
+            )
         return made[backend]
 
     yield get
     for composer in made.values():
         composer.close()
+
+
+@pytest.fixture(scope="session")
+def composers(composer_cache):
+    """composers(backend) -> a tiny-preset Composer on `backend` (torch, onnxruntime, openvino), one per session."""
+    yield from composers_of("tiny", composer_cache)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import RUNNER_OPTIONS
+from tests.conftest import composers_of
 from vgrt.engines.base import RunnerWrapper
 from vgrt.errors import InvalidInputError
 from vgrt.export.components import build_component
@@ -42,19 +42,7 @@ class FeedRecorder(RunnerWrapper):
 @pytest.fixture(scope="module")
 def sdxl(composer_cache):
     """sdxl(backend) -> a tiny-sdxl Composer, one per backend for the module."""
-    made = {}
-
-    def get(backend: str) -> Composer:
-        if backend not in made:
-            made[backend] = Composer.from_preset(
-                PRESET, backend=backend, cache=composer_cache, progress=False,
-                runner_options=RUNNER_OPTIONS.get(backend, {}),
-            )  # fmt: skip
-        return made[backend]
-
-    yield get
-    for composer in made.values():
-        composer.close()
+    yield from composers_of(PRESET, composer_cache)
 
 
 def recording_composer(composer_cache, feeds: list) -> Composer:
