@@ -70,6 +70,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--weights", help="local diffusers folder as published (model_index.json, unet/, vae/, text_encoder/, "
         "tokenizer/, scheduler/); its preset is read from its configs",
     )  # fmt: skip
+    add_checkpoint_options(parser)
+    parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
+
+
+def add_checkpoint_options(parser) -> None:
+    """--adapter and --allow-pickle, as compose, export and serve take them (a parser or an argument group)."""
     parser.add_argument(
         "--adapter", action="append", metavar="PATH",
         help="adapter checkpoint as its authors publish it, or a folder of them; repeatable: IP-Adapter "
@@ -80,7 +86,6 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--allow-pickle", action="store_true",
         help="also read pickled checkpoints (.bin, .pth), which can run code when loaded",
     )  # fmt: skip
-    parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
 
 
 def run(args: argparse.Namespace) -> int:

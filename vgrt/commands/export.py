@@ -2,6 +2,7 @@
 
 import argparse
 
+from vgrt.commands.compose import add_checkpoint_options
 from vgrt.precision import PRECISIONS
 
 
@@ -35,11 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights", help="local diffusers folder as published (its preset is read from its configs), or a "
         ".safetensors file of the UNet alone (with --preset)",
     )  # fmt: skip
-    parser.add_argument("--allow-pickle", action="store_true", help="accept pickled checkpoints (they can run code)")
-    parser.add_argument(
-        "--adapter", action="append", metavar="PATH",
-        help="adapter checkpoint as published (IP-Adapter, AIComposer's MLP, VCF's aligner), or a folder of them; repeatable",
-    )  # fmt: skip
+    add_checkpoint_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import argparse
 import signal
 import threading
 
-from vgrt.commands.compose import ATTENTION_ROUTES
+from vgrt.commands.compose import ATTENTION_ROUTES, add_checkpoint_options
 from vgrt.engines import BACKENDS
 from vgrt.precision import PRECISIONS
 
@@ -30,11 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", help="tiny, sd15, sd21 or sdxl (default: the --weights folder's own, else tiny, random weights)"
     )
     model.add_argument("--weights", help="local diffusers folder as published; its preset is read from its configs")
-    model.add_argument(
-        "--adapter", action="append", metavar="PATH",
-        help="adapter checkpoint as its authors publish it, or a folder of them (repeatable; as vgrt compose)",
-    )  # fmt: skip
-    model.add_argument("--allow-pickle", action="store_true", help="also read pickled checkpoints (.bin, .pth)")
+    add_checkpoint_options(model)
     model.add_argument(
         "--backend",
         choices=BACKENDS,
