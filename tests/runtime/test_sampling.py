@@ -1,11 +1,13 @@
-"""The sampling loop: backend parity, seeds, guidance batching, hooks and argument checks."""
+"""The sampling loop: backend parity, seeds, guidance batching, hooks, phases and argument checks."""
+
+import re
 
 import pytest
 import torch
 
 from vgrt.errors import InvalidInputError
 from vgrt.runtime.conditioning import Conditioning
-from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
+from vgrt.runtime.sampling import Phase, SamplingSettings, denoise, random_latents
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler, set_timesteps
 
 from .helpers import LATENT, ROWS, RecordingRunner, relative_error, text_conditioning
@@ -122,6 +124,50 @@ def test_sampling_can_start_mid_schedule(runners):
     denoise(runners["onnxruntime"], scheduler, random_latents(SHAPE, torch.Generator()), text_conditioning(), settings,
             before_step=lambda i, t, latents, feed: seen.append((i, int(t))))  # fmt: skip
     assert seen == [(i, int(scheduler.timesteps[i])) for i in range(6, 10)]
+
+
+def test_a_phase_switches_the_unet_and_its_rows_and_keeps_the_multistep_history(runners):
+    """Steps 3-5 run one conditional row of another runner, unguided. DPM-Solver++ keeps its history over
+    the switch: this equals one run whose hook makes both guidance halves conditional from step 3 on."""
+    runner, conditioning = runners["onnxruntime"], text_conditioning()
+    first, later = RecordingRunner(runner), RecordingRunner(runner)
+    latents = random_latents(SHAPE, torch.Generator().manual_seed(4))
+    settings = SamplingSettings(steps=6, guidance_scale=5.0, progress=False)
+    hook_rows = []
+
+    def record_rows(i, t, latents, feed):
+        hook_rows.append(feed["sample"].shape[0])
+
+    phase = Phase(3, later, Conditioning(conditioning.cond), 1.0)
+    got = denoise(first, build_scheduler("dpmsolver++"), latents, conditioning, settings,
+                  before_step=record_rows, phases=[phase])  # fmt: skip
+    assert [feed["sample"].shape[0] for feed in first.feeds] == [2 * ROWS] * 3
+    assert [feed["sample"].shape[0] for feed in later.feeds] == [ROWS] * 3
+    assert hook_rows == [2 * ROWS] * 3 + [ROWS] * 3  # the hook gets the feed of the UNet running its step
+    assert torch.equal(later.feeds[0]["encoder_hidden_states"], conditioning.cond["encoder_hidden_states"])
+
+    def same_halves_from_step_three(i, t, latents, feed):
+        if i >= 3:
+            feed["encoder_hidden_states"][:ROWS] = conditioning.cond["encoder_hidden_states"]
+
+    expected = denoise(runner, build_scheduler("dpmsolver++"), latents, conditioning, settings,
+                       before_step=same_halves_from_step_three)  # fmt: skip
+    assert relative_error(got, expected) <= 1e-6
+    guided_throughout = denoise(runner, build_scheduler("dpmsolver++"), latents, conditioning, settings)
+    assert relative_error(got, guided_throughout) > 1e-3  # the switch changes the result: the check can fail
+
+
+@pytest.mark.parametrize(("starts", "start_step"), [((0,), 0), ((2,), 2), ((6,), 0), ((4, 3), 0), ((3, 3), 0)])
+def test_phase_starts_outside_the_run_or_out_of_order_are_refused_before_any_unet_call(runners, starts, start_step):
+    recording = RecordingRunner(runners["onnxruntime"])
+    phases = [Phase(start, recording, text_conditioning(), 2.0) for start in starts]
+    settings = SamplingSettings(steps=6, start_step=start_step, progress=False)
+    message = (
+        f"phase start steps {list(starts)} must increase and lie between the run's start_step={start_step} and steps=6"
+    )
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        denoise(recording, build_scheduler("ddim"), torch.zeros(SHAPE), text_conditioning(), settings, phases=phases)
+    assert recording.feeds == []
 
 
 def test_v_prediction_is_sampled_as_v(runners):

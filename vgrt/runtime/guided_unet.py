@@ -16,7 +16,8 @@ from vgrt.runtime.residency import host_reads_allowed
 
 # before_step(step_index, timestep, latents, feed): runs before each UNet call. It may edit the feed
 # in place or replace its entries (gates, masks, per-step tokens) and overwrite rows of the latents
-# (reference branches taken from an inversion). The feed holds all UNet rows: with guidance, rows
+# (reference branches taken from an inversion). The feed is that of the UNet running the step (a
+# sampling Phase may switch it) and holds all its rows: with guidance, rows
 # [0, B) are unconditional and [B, 2B) conditional. sample and timestep belong to the loop, which fills
 # them after the hook from the latents and the schedule.
 BeforeStep = Callable[[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None]

@@ -2,8 +2,9 @@
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +50,31 @@ class SamplingSettings:
             raise InvalidInputError(f"start_step must lie in [0, steps={self.steps}), got {self.start_step}")
 
 
+@dataclass(frozen=True)
+class Phase:
+    """From `start_step` on, the sampling loop calls `runner` with `conditioning` and `guidance_scale`
+    instead of what the steps before used. The scheduler stays the same, so a multistep solver's history
+    (DPM-Solver++) carries over. A method uses it where the later steps need less: the plain UNet where
+    every gate is 0, one row (guidance_scale 1) where both guidance halves would be the same.
+    """
+
+    start_step: int
+    runner: Runner
+    conditioning: Conditioning
+    guidance_scale: float
+
+
+def check_phases(phases: Sequence[Phase], settings: SamplingSettings) -> None:
+    """Phases start in increasing order inside the run's steps (after its first), checked before any work."""
+    starts = [phase.start_step for phase in phases]
+    bounds = (settings.start_step, *starts, settings.steps)
+    if any(earlier >= later for earlier, later in pairwise(bounds)):
+        raise InvalidInputError(
+            f"phase start steps {starts} must increase and lie between the run's start_step={settings.start_step} "
+            f"and steps={settings.steps}, both excluded"
+        )
+
+
 def check_step_count(steps: int) -> None:
     """Steps must be a whole number from 1 to the schedule's training timesteps, checked before any work."""
     check_steps(steps)
@@ -75,8 +101,13 @@ def denoise(
     generator: torch.Generator | None = None,
     before_step: BeforeStep | None = None,
     after_step: AfterStep | None = None,
+    phases: Sequence[Phase] = (),
 ) -> torch.Tensor:
     """Denoise `latents` [B, C, h, w] (left untouched) and return the final latents.
+
+    `runner` with `conditioning` and `settings.guidance_scale` runs every step, or the steps before the
+    first of `phases` (see Phase), whose UNets then take over; `before_step` gets the feed of the UNet
+    that runs its step.
 
     `scheduler` is a diffusers scheduler whose model input is the latent itself (DDIM, DPM-Solver;
     see vgrt.runtime.schedulers); the loop calls its set_timesteps. `generator` drives the noise of
@@ -86,15 +117,18 @@ def denoise(
     the loop reads device data on the host or copies it across devices (vgrt.runtime.residency), the
     hooks included.
     """
+    check_phases(phases, settings)
     options = _step_options(scheduler, settings.eta, generator)
     set_timesteps(scheduler, settings.steps)
     latents = latents.clone()
-    unet = GuidedUNet(runner, conditioning, settings.guidance_scale, latents, scheduler.timesteps)
+    first = Phase(settings.start_step, runner, conditioning, settings.guidance_scale)
+    unets = _unet_per_step((first, *phases), latents, scheduler.timesteps, settings.steps)
     steps = range(settings.start_step, settings.steps)
     watch = FirstNonFiniteStep("denoise", latents.device)
     with step_loop("denoise"):
         for i in tqdm(steps, desc="denoise", disable=not settings.progress):
             t = scheduler.timesteps[i]  # on the host, as the scheduler keeps and reads it
+            unet = unets[i]
             if before_step is not None:
                 before_step(i, t, latents, unet.feed)
             latents = scheduler.step(unet(latents, i), t, latents, **options)[0]
@@ -103,6 +137,17 @@ def denoise(
             watch.update(i, latents)
     watch.check(f"steps {steps.start}-{steps.stop - 1}")
     return latents
+
+
+def _unet_per_step(
+    phases: Sequence[Phase], latents: torch.Tensor, timesteps: torch.Tensor, steps: int
+) -> dict[int, GuidedUNet]:
+    """Each step's GuidedUNet, every one built (feed and buffers) before the loop."""
+    unets = {}
+    for phase, (start, end) in zip(phases, pairwise([*(p.start_step for p in phases), steps])):
+        unet = GuidedUNet(phase.runner, phase.conditioning, phase.guidance_scale, latents, timesteps)
+        unets.update(dict.fromkeys(range(start, end), unet))
+    return unets
 
 
 def _step_options(scheduler, eta: float, generator: torch.Generator | None) -> dict:

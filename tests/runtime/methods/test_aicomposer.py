@@ -4,10 +4,16 @@ import pytest
 import torch
 
 from tests.runtime.methods.inputs import box_mask, random_image
+from vgrt.engines.base import RunnerWrapper
 from vgrt.errors import InvalidInputError
 from vgrt.export.feeds import random_feed
+from vgrt.runtime.composer import Composer
+from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.methods import aicomposer
-from vgrt.runtime.methods.common import to_latent_grid
+from vgrt.runtime.methods.common import layer_gates, to_latent_grid
+from vgrt.runtime.sampling import Phase
+
+from ..helpers import relative_error
 
 
 def request(**overrides) -> aicomposer.AIComposerRequest:
@@ -59,16 +65,68 @@ def test_image_tokens_only_on_foreground_queries_and_inside_the_step_window(comp
     foreground = to_latent_grid(aicomposer.place(req).foreground_mask, *seen[req.steps - 1]["sample"].shape[-2:])
     blank = aicomposer.exceptional_prompt(composer, 32, 32)["encoder_hidden_states"]
     for i, feed in seen.items():
-        in_window = i <= req.image_token_end
-        assert (feed["layer_gates"][:, 0] == float(in_window)).all(), f"step {i}"
+        if i > req.image_token_end:  # the plain UNet, one row: both halves would be the exceptional prompt
+            assert "extra_tokens" not in feed and feed["sample"].shape[0] == 1, f"step {i}"
+            torch.testing.assert_close(feed["encoder_hidden_states"], blank)
+            continue
+        assert (feed["layer_gates"][:, 0] == 1.0).all(), f"step {i}"
         for half in feed["extra_gate"]:  # both guidance halves, as the code's out_index = [0, B//2]
             torch.testing.assert_close(half[0], foreground)
-        # the exceptional prompt: in the unconditional half always (the code's negative prompt), in both outside
-        exceptional = feed["encoder_hidden_states"][: 1 if in_window else 2]
-        torch.testing.assert_close(exceptional, blank.expand(len(exceptional), -1, -1))
+        # the exceptional prompt in the unconditional half (the code's negative prompt)
+        torch.testing.assert_close(feed["encoder_hidden_states"][:1], blank)
     assert foreground.any() and not foreground.all()
     window, after = seen[req.inversion_steps], seen[req.steps - 1]
     assert not torch.equal(window["encoder_hidden_states"], after["encoder_hidden_states"])
+
+
+class RowRecorder(RunnerWrapper):
+    """Records (which UNet, rows) of every call of the runner it wraps."""
+
+    def __init__(self, runner, calls: list):
+        super().__init__(runner)
+        gated = any(t.name == "layer_gates" for t in runner.spec.inputs)
+        self.calls, self.kind = calls, "conditioned" if gated else "plain"
+
+    def infer_impl(self, feed, sizes):
+        self.calls.append((self.kind, len(feed["sample"])))
+        return self.runner.infer_impl(feed, sizes)
+
+
+def test_steps_after_the_image_token_window_run_one_row_of_the_plain_unet(composer_cache):
+    calls, req = [], request()
+
+    def hook(component, runner):
+        return RowRecorder(runner, calls) if component == "unet" else runner
+
+    with Composer.from_preset("tiny", backend="torch", cache=composer_cache, progress=False, runner_hook=hook) as c:
+        aicomposer.compose(c, req)
+    window = req.image_token_end + 1 - req.inversion_steps
+    after = req.steps - req.image_token_end - 1
+    assert window and after
+    assert calls == [("plain", 1)] * req.inversion_steps + [("conditioned", 2)] * window + [("plain", 1)] * after
+
+
+def gated_off_after_window(composer, req, prompt, blank):
+    """What the steps after the window ran before they took the plain UNet: the conditioned UNet, guided,
+    both halves the exceptional prompt, the image tokens gated off."""
+    unet = composer.runner("unet", aicomposer.FEATURES)
+    context = blank["encoder_hidden_states"]
+    zeros = torch.zeros(1, 1, context.shape[-1])
+    latent_hw = [side // composer.preset.vae_factor for side in req.background.shape[2:]]
+    cond = {
+        **prompt, "encoder_hidden_states": context, "extra_tokens": zeros, "extra_gate": torch.ones(1, 1, *latent_hw),
+        "layer_gates": layer_gates(unet.spec.input("layer_gates").shape[0], composer.device),
+    }  # fmt: skip
+    conditioning = Conditioning(cond, {**blank, "extra_tokens": zeros})
+    return (Phase(req.image_token_end + 1, unet, conditioning, req.guidance_scale),)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_one_plain_row_after_the_window_gives_the_guided_gated_off_result(composers, backend, monkeypatch):
+    new = aicomposer.compose(composers(backend), request()).latents
+    monkeypatch.setattr(aicomposer, "after_window", gated_off_after_window)
+    old = aicomposer.compose(composers(backend), request()).latents
+    assert relative_error(new, old) <= 1e-5
 
 
 def test_image_tokens_change_the_unet_output_only_when_their_gate_is_open(composers):

@@ -23,6 +23,7 @@ from vgrt.runtime.methods.registry import get_method
 
 from ..helpers import relative_error
 from .inputs import box_mask, random_image
+from .test_aicomposer import gated_off_after_window
 
 PRESET = "tiny-sdxl"  # text encoders 32-d and 48-d (context 80), pooled 40-d: every width differs
 
@@ -116,15 +117,18 @@ def test_text_to_image_feeds_the_pipelines_text_embeds_and_time_ids(composer_cac
 def test_aicomposer_feeds_sdxl_as_the_released_code(composer_cache):
     """Inversion: exceptional prompt, its pooled embedding, the code's fixed 1024 x 1024 time_ids. Sampling:
     the output size's time_ids; the conditional half's pooled embedding is the prompt's in and outside the
-    image-token window, the unconditional half's the exceptional prompt's."""
+    image-token window, the unconditional half's the exceptional prompt's, so the steps after the window
+    stay guided (two rows), on the plain UNet as the image tokens are gated off."""
     feeds, req = [], aicomposer_request()
     with recording_composer(composer_cache, feeds) as composer:
         aicomposer.compose(composer, req)
         prompt = composer.text_conditioning([req.prompt], width=32, height=32)
         blank = aicomposer.exceptional_prompt(composer, width=32, height=32)
-    inversion = [feed for feed in feeds if "extra_tokens" not in feed]  # the plain UNet
-    sampling = [feed for feed in feeds if "extra_tokens" in feed]
-    assert len(inversion) == req.inversion_steps and len(sampling) == req.steps - req.inversion_steps
+    inversion, sampling = feeds[: req.inversion_steps], feeds[req.inversion_steps :]
+    assert len(sampling) == req.steps - req.inversion_steps
+    with_tokens = ["extra_tokens" in feed for feed in feeds]
+    window = req.image_token_end + 1 - req.inversion_steps
+    assert with_tokens == [False] * req.inversion_steps + [True] * window + [False] * (len(sampling) - window)
     for feed in inversion:
         assert feed["time_ids"].tolist() == [[1024, 1024, 0, 0, 1024, 1024]]
         torch.testing.assert_close(feed["text_embeds"], blank["text_embeds"], rtol=0, atol=0)
@@ -137,6 +141,15 @@ def test_aicomposer_feeds_sdxl_as_the_released_code(composer_cache):
         torch.testing.assert_close(feed["encoder_hidden_states"][1:], context["encoder_hidden_states"], rtol=0, atol=0)
         torch.testing.assert_close(feed["encoder_hidden_states"][:1], blank["encoder_hidden_states"], rtol=0, atol=0)
     assert not torch.equal(prompt["text_embeds"], blank["text_embeds"])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
+def test_aicomposer_plain_unet_after_the_window_gives_the_gated_off_result(sdxl, backend, monkeypatch):
+    """Two guided rows of the plain UNet after the window: the result of the conditioned UNet with its gates 0."""
+    new = aicomposer.compose(sdxl(backend), aicomposer_request()).latents
+    monkeypatch.setattr(aicomposer, "after_window", gated_off_after_window)
+    old = aicomposer.compose(sdxl(backend), aicomposer_request()).latents
+    assert relative_error(new, old) <= 1e-5
 
 
 @pytest.mark.parametrize("preset", ["tiny", PRESET])

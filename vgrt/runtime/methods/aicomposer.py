@@ -13,7 +13,9 @@ Follows the released code (sherlhw/AIComposer: `demo.py`, `model/sdxl.py`, `mode
   features: not what the code does). They act on every cross-attention layer, both guidance halves, only
   in the step window [inversion_steps, image_token_end], together with the text prompt (conditional half)
   and the "exceptional prompt" (every token id 7788; unconditional half, as the code passes it as the
-  negative prompt); outside it both halves see the exceptional prompt without image tokens.
+  negative prompt); outside it both halves see the exceptional prompt without image tokens. There the
+  image tokens' gates are 0, so the steps after the window run the plain UNet; on SD 1.x both halves are
+  then the same input, so they run one row unguided (the guided output equals either half).
 - Inversion: the foreground latent is AdaIN-normalized in the placed region to the background's
   statistics (epsilon 1), both are decoded and pasted in pixels, the paste is re-encoded and
   DDIM-inverted with the exceptional prompt, no guidance, for only the first `inversion_steps` steps
@@ -33,8 +35,9 @@ Follows the released code (sherlhw/AIComposer: `demo.py`, `model/sdxl.py`, `mode
   MLP with 512 hidden units, on every cross-attention layer. Pooled text embeds: the prompt's in the
   conditional half, the exceptional prompt's in the unconditional half, also outside the image-token
   window, where the conditional half's context is the exceptional prompt's but its pooled embedding stays
-  the prompt's (the code's `blank_add_text_embeds`). time_ids: the output size in sampling (the pipeline's
-  default); the inversion keeps the code's fixed 1024 x 1024 whatever the size (`Inversion.init_prompt`).
+  the prompt's (the code's `blank_add_text_embeds`): those steps stay guided, two rows of the plain UNet.
+  time_ids: the output size in sampling (the pipeline's default); the inversion keeps the code's fixed
+  1024 x 1024 whatever the size (`Inversion.init_prompt`).
   The code resizes the background to a long side of 1024 px; here the background's size is the output's.
 """
 
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from vgrt.errors import InvalidInputError
 from vgrt.models.encoders import positionless_states
 from vgrt.runtime.composer import Composer
-from vgrt.runtime.conditioning import Conditioning, unet_inputs
+from vgrt.runtime.conditioning import Conditioning
 from vgrt.runtime.inversion import InversionSettings, invert
 from vgrt.runtime.methods.common import (
     Composition,
@@ -59,11 +62,12 @@ from vgrt.runtime.methods.common import (
     start,
     to_latent_grid,
 )
-from vgrt.runtime.sampling import SamplingSettings, denoise
+from vgrt.runtime.sampling import Phase, SamplingSettings, denoise
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
 FEATURES = "extra_tokens"
-# besides the conditioned UNet; the plain UNet runs the inversion, where the image tokens are gated off
+# besides the conditioned UNet; the plain UNet runs where the image tokens are gated off: the inversion and
+# the steps after the image-token window
 COMPONENTS = ("vae_encoder", "vae_decoder", "text_encoder", "image_encoder", "image_proj", "fusion_mlp", "unet")
 EXCEPTIONAL_TOKEN = 7788  # code: every input id of the "exceptional prompt"
 CODE_SIZE = 1024  # the code's image size; its pixel kernels scale from it
@@ -245,15 +249,27 @@ def invert_placement(
     )  # fmt: skip
 
 
-def _unet_conditioning(spec, text, uncond_text, gate, image_tokens_on: bool, tokens=(None, None)) -> Conditioning:
-    """Text inputs of both halves plus the image tokens (zero tokens, gated off, outside the window)."""
+def window_conditioning(spec, prompt, blank, gate: torch.Tensor, tokens) -> Conditioning:
+    """The conditioned UNet's inputs inside the image-token window: the prompt (conditional half) and the
+    exceptional prompt (unconditional half), each with its image tokens, on the queries `gate` marks."""
     cond_tokens, uncond_tokens = tokens
-    context = text["encoder_hidden_states"]
-    if cond_tokens is None:
-        cond_tokens = uncond_tokens = torch.zeros(1, 1, context.shape[-1], device=context.device)
-    gates = layer_gates(spec.input("layer_gates").shape[0], context.device, extra=float(image_tokens_on))
-    cond = {**text, "extra_tokens": cond_tokens, "extra_gate": gate, "layer_gates": gates}
-    return Conditioning(cond, {**uncond_text, "extra_tokens": uncond_tokens})
+    gates = layer_gates(spec.input("layer_gates").shape[0], gate.device, extra=1.0)
+    cond = {**prompt, "extra_tokens": cond_tokens, "extra_gate": gate, "layer_gates": gates}
+    return Conditioning(cond, {**blank, "extra_tokens": uncond_tokens})
+
+
+def after_window(composer: Composer, request: AIComposerRequest, prompt, blank) -> tuple[Phase, ...]:
+    """The steps after the image-token window (none when it ends at the last step): no image tokens, so the
+    plain UNet, with the exceptional prompt in both halves. They differ only in SDXL's pooled embedding (the
+    prompt's in the conditional half, as the code keeps it); without one (SD 1.x) both halves are the same
+    input, so one row runs, unguided: the guided output would equal either half."""
+    start, plain = request.image_token_end + 1, composer.runner("unet")
+    if start == request.steps:
+        return ()
+    if "text_embeds" not in prompt:
+        return (Phase(start, plain, Conditioning(blank), 1.0),)
+    cond = {**prompt, "encoder_hidden_states": blank["encoder_hidden_states"]}
+    return (Phase(start, plain, Conditioning(cond, blank), request.guidance_scale),)
 
 
 def compose(composer: Composer, request: AIComposerRequest) -> Composition:
@@ -273,20 +289,12 @@ def compose(composer: Composer, request: AIComposerRequest) -> Composition:
 
     inside = to_latent_grid(placement.foreground_mask, *latent_hw).to(composer.device)
     keep = to_latent_grid(placement.region, *latent_hw).to(composer.device)  # outside it the background is re-pasted
-    # Outside the window the conditional half keeps the prompt's pooled embedding (SDXL), as the code does.
-    blank_context = {**prompt, "encoder_hidden_states": blank["encoder_hidden_states"]}
-    conditionings = {
-        True: _unet_conditioning(unet.spec, prompt, blank, inside[None, None], True, tokens),
-        False: _unet_conditioning(unet.spec, blank_context, blank, inside[None, None], False),
-    }
-    guided = request.guidance_scale > 1
-    feeds = {on: unet_inputs(unet.spec, c, 1, guided, composer.device) for on, c in conditionings.items()}
+    window = window_conditioning(unet.spec, prompt, blank, inside[None, None], tokens)
     last = len(trajectory) - 1
 
     def before_step(i, t, latents, feed):
         if i <= request.adain_end:
             latents[0] = adaptive_latent_normalization(latents[0], latents[0], inside, SAMPLING_ADAIN)
-        feed.update(feeds[i <= request.image_token_end])
 
     def after_step(i, t, latents):
         inverted = trajectory[last - (i - request.inversion_steps) - 1]  # the same noise level
@@ -294,10 +302,9 @@ def compose(composer: Composer, request: AIComposerRequest) -> Composition:
 
     with times("denoise"):
         latents = denoise(
-            unet, build_scheduler("dpmsolver++", SchedulerSettings.for_preset(composer.preset)), trajectory[-1],
-            conditionings[True],
+            unet, build_scheduler("dpmsolver++", SchedulerSettings.for_preset(composer.preset)), trajectory[-1], window,
             SamplingSettings(steps=request.steps, guidance_scale=request.guidance_scale,
                              start_step=request.inversion_steps, progress=composer.progress),
-            before_step=before_step, after_step=after_step,
+            before_step=before_step, after_step=after_step, phases=after_window(composer, request, prompt, blank),
         )  # fmt: skip
     return Composition(decode(composer, latents, times), latents, times)

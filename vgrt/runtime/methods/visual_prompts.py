@@ -192,7 +192,10 @@ class _MapRecorder:
     def infer(self, feed, validate=True):
         out = self.runner.infer(feed, validate)
         maps = out["attention_maps"][-1].float()
-        self.total = maps.clone() if self.total is None else self.total + maps
+        if self.total is None:
+            self.total = maps.clone()  # its own memory: a runner may reuse its output buffers
+        else:
+            self.total.add_(maps)  # in place: no new tensor per step
         self.calls += 1
         return out
 
