@@ -22,10 +22,13 @@ def write_run(run: BenchRun, out_dir: str | Path) -> tuple[Path, Path]:
 
 def markdown_table(run: BenchRun) -> str:
     """One row per case and competitor: the case's parameters, median, p90, ratio to PyTorch eager;
-    peak memory and the host work per UNet step where a suite measured them."""
+    relative error, peak memory and the host work per UNet step where a suite measured them; then the
+    suite's summary, if it wrote one."""
     cases = run.output.cases
     params = list(dict.fromkeys(key for case in cases for key in case.params))
     header = [*params, "competitor", "median", "p90", "vs torch", "max |diff|"]
+    with_relative = any(m.relative_error is not None for case in cases for m in case.measurements)
+    header += ["rel. error"] if with_relative else []
     with_memory = any(m.peak_rss_bytes for case in cases for m in case.measurements)
     header += ["peak RSS"] if with_memory else []
     with_host = any(m.unet is not None for case in cases for m in case.measurements)
@@ -41,11 +44,17 @@ def markdown_table(run: BenchRun) -> str:
                 format_seconds(m.p90_s),
                 "-" if ratio is None else f"{ratio:.2f}x",
                 "-" if m.max_abs_diff is None else f"{m.max_abs_diff:.1e}",
+                *([_relative(m)] if with_relative else []),
                 *([_peak(m)] if with_memory else []),
                 *(_host_columns(m) if with_host else []),
             ])  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    table = "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return f"{table}\n\n{run.output.summary}" if run.output.summary else table
+
+
+def _relative(m: Measurement) -> str:
+    return "-" if m.relative_error is None else f"{m.relative_error:.1e}"
 
 
 def _peak(m: Measurement) -> str:

@@ -31,9 +31,12 @@ class Measurement:
     max_abs_diff: largest |output - baseline output| on the same inputs, proof that the competitors
         computed the same thing (None for the baseline itself, or where there is no output).
     peak_rss_bytes: peak resident memory: per sample where each sample ran in a process of its own (the
-        export suite), or one value for all samples (the compose suite: while the backend's composer was open).
+        export, unet and peer suites), or one value for all samples (the compose suite: while the backend's
+        composer was open).
     unet: for a composition stage that calls the UNet, the calls and their seconds; the rest of the
         stage's time is host work.
+    relative_error: ||output - baseline output|| / ||baseline output||, which reads the same whatever the
+        output's scale (None where not measured).
     """
 
     competitor: str
@@ -42,6 +45,7 @@ class Measurement:
     max_abs_diff: float | None = None
     peak_rss_bytes: tuple[int, ...] = ()
     unet: UNetWork | None = None
+    relative_error: float | None = None
 
     @property
     def median_s(self) -> float:
@@ -101,6 +105,8 @@ class Case:
                 "max_abs_diff": m.max_abs_diff,
                 "samples_s": list(m.samples_s),
             }
+            if m.relative_error is not None:
+                entry["relative_error"] = m.relative_error
             if m.peak_rss_bytes:
                 entry["peak_rss_bytes"] = list(m.peak_rss_bytes)
             if m.unet is not None:
@@ -118,11 +124,13 @@ class Case:
 @dataclass(frozen=True)
 class SuiteOutput:
     """What a suite returns. label names what was measured (presets) in file names; details keeps
-    suite-specific facts worth reading later (device, runner settings, exports made)."""
+    suite-specific facts worth reading later (device, runner settings, exports made); summary is markdown
+    printed below the table (figures computed across cases, such as the unet suite's conditioned / plain)."""
 
     label: str
     cases: tuple[Case, ...]
     details: dict[str, Any]
+    summary: str = ""
 
 
 @dataclass(frozen=True)

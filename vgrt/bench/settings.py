@@ -9,11 +9,12 @@ from vgrt.models.features import features_text, parse_features
 from vgrt.models.presets import get_preset
 
 DTYPES = ("fp32", "fp16")
+Names = tuple[str, ...]
 # Option names as the CLI spells them, for messages about options a suite does not take.
 _FLAGS = {
     "presets": "--preset", "batches": "--batch", "latents": "--latent", "features": "--features",
     "dtypes": "--precision", "backends": "--backends", "export_dir": "--export-dir", "methods": "--methods",
-    "quantised_dir": "--quantised",
+    "quantised_dir": "--quantised", "feeds_dir": "--feeds", "plain_export_dir": "--plain-export-dir",
     "steps": "--steps", "gradient_steps": "--gradient-steps",
 }  # fmt: skip
 COMPOSE_STEPS, QUICK_COMPOSE_STEPS = 20, 3
@@ -36,7 +37,9 @@ QUICK_TIMING = TimingSettings(warmup=1, repeats=2)
 class BenchSettings:
     """What one `vgrt bench` run measures. Empty batches/latents mean each preset's profile 'opt' size.
     methods, steps, gradient_steps: the compose suite's methods (names as `vgrt compose` spells them),
-    schedule length, and PNO iterations / guidance steps (None: each method's default)."""
+    schedule length, and PNO iterations / guidance steps (None: each method's default).
+    feeds_dir, plain_export_dir: the unet suite's conditioned-against-plain mode (vgrt.bench.unet_feeds): a
+    calibration set's captured feeds, and the plain export to time them against (None: from the cache)."""
 
     suite: str
     backends: tuple[str, ...] = ()
@@ -53,6 +56,8 @@ class BenchSettings:
     methods: tuple[str, ...] = ()
     steps: int | None = None
     gradient_steps: int | None = None
+    feeds_dir: str | None = None
+    plain_export_dir: str | None = None
 
 
 def make_settings(
@@ -73,14 +78,16 @@ def make_settings(
     methods: tuple[str, ...] | None = None,
     steps: int | None = None,
     gradient_steps: int | None = None,
+    feeds_dir: str | None = None,
+    plain_export_dir: str | None = None,
 ) -> BenchSettings:
     """Checked settings; None means "not given": the suite's default (smaller with `quick`)."""
     spec = get_suite(suite)
     given = {
         "backends": backends, "presets": presets, "batches": batches, "latents": latents,
         "features": features, "dtypes": dtypes, "export_dir": export_dir, "quantised_dir": quantised_dir,
-        "methods": methods, "steps": steps,
-        "gradient_steps": gradient_steps,
+        "methods": methods, "steps": steps, "gradient_steps": gradient_steps, "feeds_dir": feeds_dir,
+        "plain_export_dir": plain_export_dir,
     }  # fmt: skip
     refused = [_FLAGS[name] for name, value in given.items() if value is not None and name not in spec.options]
     if refused:
@@ -100,6 +107,8 @@ def make_settings(
         features = tuple(features_text(parse_features(f)) for f in features)
     if export_dir is not None:
         presets, features, dtypes = _from_export(export_dir, presets, features, dtypes)
+    if feeds_dir is not None or plain_export_dir is not None:
+        presets = _feeds_preset(feeds_dir, plain_export_dir, export_dir, presets, given)
     settings = BenchSettings(
         suite=suite,
         backends=_without_unasked_int8(select_backends(spec, backends), backends, quantised_dir),
@@ -113,6 +122,8 @@ def make_settings(
         quick=quick,
         export_dir=export_dir,
         quantised_dir=quantised_dir,
+        feeds_dir=feeds_dir,
+        plain_export_dir=plain_export_dir,
         **(_compose_options(methods, steps, gradient_steps, quick) if suite == "compose" else {}),
         **(_peer_options(presets, steps, quick) if suite == "peer" else {}),
     )
@@ -122,6 +133,46 @@ def make_settings(
 
 
 QUANTISED_BACKENDS = ("onnxruntime-int8", "openvino-int8")
+_FIXED_BY_FEEDS = ("batches", "latents", "features", "dtypes", "quantised_dir")
+
+
+def _feeds_preset(
+    feeds_dir: str | None, plain_export_dir: str | None, export_dir: str | None, presets: Names | None, given: dict
+) -> Names:
+    """The preset of the --feeds set; --plain-export-dir, --export-dir and --preset must agree with it, and
+    the options the captured feeds fix are refused."""
+    from vgrt.calibration.dataset import read_set
+    from vgrt.export.manifest import read_manifest
+
+    if feeds_dir is None:
+        raise InvalidInputError(
+            "--plain-export-dir is what the conditioned UNet is timed against on captured feeds: give --feeds SET too"
+        )
+    fixed = [_FLAGS[name] for name in _FIXED_BY_FEEDS if given[name] is not None]
+    if fixed:
+        raise InvalidInputError(
+            f"--feeds times the captured feeds as they are, so it does not take {', '.join(fixed)}: their batch, "
+            "latent size, feature set and precision are the capture's"
+        )
+    preset = read_set(feeds_dir).model["preset"]
+    exports = {"--plain-export-dir": plain_export_dir, "--export-dir": export_dir}
+    found = {flag: (read_manifest(d).data["preset"],) for flag, d in exports.items() if d is not None}
+    if presets is not None and export_dir is None:
+        found["--preset"] = tuple(presets)
+    for flag, value in found.items():
+        if value != (preset,):
+            raise InvalidInputError(
+                f"{flag} is {','.join(value)} and the --feeds set {feeds_dir!r} was captured on {preset}: give "
+                f"{flag} of {preset}, or a set captured on {','.join(value)}"
+            )
+    if plain_export_dir is not None:
+        features = features_text(frozenset(read_manifest(plain_export_dir).component("unet").features))
+        if features != "none":
+            raise InvalidInputError(
+                f"--plain-export-dir {plain_export_dir!r} carries the features {features}; the plain UNet has none: "
+                f"export it with `vgrt export --preset {preset} --features none`"
+            )
+    return (preset,)
 
 
 def _without_unasked_int8(selected: tuple[str, ...], requested, quantised_dir: str | None) -> tuple[str, ...]:
@@ -211,9 +262,6 @@ def _check_models(settings: BenchSettings) -> None:
                 raise InvalidInputError(
                     f"--latent {latent} does not fit {name}: latents are multiples of {factor} in [{r.min}, {r.max}]"
                 )
-
-
-Names = tuple[str, ...]
 
 
 def _from_export(

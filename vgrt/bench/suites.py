@@ -16,12 +16,16 @@ class Suite:
     backends: tuple[str, ...] = ()
 
 
+UNET_OPTIONS = ("presets", "batches", "latents", "features", "dtypes", "backends", "export_dir", "quantised_dir",
+                "feeds_dir", "plain_export_dir")  # fmt: skip
+
 SUITES: dict[str, Suite] = {
     "unet": Suite(
         "unet",
-        "one UNet call per backend, preset, batch, latent size, feature set and precision",
+        "one UNet call per backend, preset, batch, latent size, feature set and precision; with --feeds, the "
+        "conditioned UNet against the plain one on captured method feeds",
         "vgrt.bench.unet_suite",
-        frozenset({"presets", "batches", "latents", "features", "dtypes", "backends", "export_dir", "quantised_dir"}),
+        frozenset(UNET_OPTIONS),
         (
             "torch",
             "torch-bf16",

@@ -47,7 +47,7 @@ def measure(
     try:
         for round_index in range(timing.repeats):
             for competitor in rotated(competitors, round_index):
-                samples[competitor.name].append(_time_call(competitor))
+                samples[competitor.name].append(time_call(competitor))
     finally:
         gc.enable()
     reference = outputs.get(baseline)
@@ -71,7 +71,8 @@ def rotated(items: Sequence, shift: int) -> list:
     return [*items[shift:], *items[:shift]]
 
 
-def _time_call(competitor: Competitor) -> float:
+def time_call(competitor: Competitor) -> float:
+    """Seconds of one call of `competitor`, on its clock."""
     if competitor.clock == "cuda-events":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -46,6 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="unet suite: an INT8 export of the same model (the --out of vgrt calibrate), timed as the competitors "
         "onnxruntime-int8 and openvino-int8",
     )  # fmt: skip
+    parser.add_argument(
+        "--feeds",
+        metavar="SET",
+        help="unet suite: time the conditioned UNet against the plain one on the UNet feeds of real method runs, a "
+        "calibration set (`vgrt calibrate METHOD --capture-only --set SET`): one feed per distinct shape and gate "
+        "phase, conditioned / plain per phase and weighted by calls; the conditioned export is --export-dir, or the "
+        "cache's for the set's model and each run's feature set",
+    )
+    parser.add_argument(
+        "--plain-export-dir", metavar="DIR",
+        help="unet suite with --feeds: the plain UNet (features none) to time against (default: the cache's)",
+    )  # fmt: skip
     parser.add_argument("--methods", help="compose suite: comma-separated methods (default: every one it knows)")
     parser.add_argument(
         "--steps",
@@ -82,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         methods=_names(args.methods),
         steps=args.steps,
         gradient_steps=args.gradient_steps,
+        feeds_dir=args.feeds,
+        plain_export_dir=args.plain_export_dir,
     )
     result = run_bench(settings)
     json_path, png_path = write_run(result, args.out)
