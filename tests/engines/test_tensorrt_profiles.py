@@ -11,7 +11,7 @@ from vgrt.models.features import FEATURES
 from vgrt.models.presets import get_preset
 
 # tiny: batch (1, 2, 8), latent height/width (8, 16, 32), context (1, 77, 334), extra tokens (1, 4, 64),
-# regions (1, 2, 8), groups (1, 2, 4); 4 latent channels, 32-d context, 16 blocks x 2 gated features.
+# regions (1, 2, 8), groups (1, 2, 4), mutual rows (1, 1, 8); 4 latent channels, 32-d context, 16 blocks x 2 gated features.
 TINY_ALL_FEATURES = {
     "sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 32, 32)),
     "timestep": ((1,), (2,), (8,)),
@@ -22,10 +22,11 @@ TINY_ALL_FEATURES = {
     "extra_key_tokens": ((1, 1, 32), (2, 4, 32), (8, 64, 32)),
     "region_masks": ((1, 1, 8, 8), (2, 2, 16, 16), (8, 8, 32, 32)),
     "token_regions": ((1, 1, 1), (2, 2, 4), (8, 8, 64)),
-    "kv_index": ((1, 1), (2, 2), (4, 8)),
-    "q_index": ((1, 1), (2, 2), (4, 8)),
-    "self_key_masks": ((1, 1, 8, 8), (2, 2, 16, 16), (4, 8, 32, 32)),
-    "self_out_gates": ((1, 1, 8, 8), (2, 2, 16, 16), (4, 8, 32, 32)),
+    "mutual_rows": ((1,), (1,), (8,)),
+    "q_index": ((1, 1), (2, 1), (4, 8)),
+    "kv_index": ((1, 1), (2, 1), (4, 8)),
+    "self_key_masks": ((1, 1, 8, 8), (2, 1, 16, 16), (4, 8, 32, 32)),
+    "self_out_gates": ((1, 1, 8, 8), (2, 1, 16, 16), (4, 8, 32, 32)),
     "layer_gates": ((16, 2), (16, 2), (16, 2)),
 }
 

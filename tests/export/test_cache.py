@@ -35,6 +35,21 @@ def test_key_changes_with_each_setting_and_the_weights(tmp_path):
     assert cache.cache_key(dataclasses.replace(base, weights=str(weights))) != with_weights
 
 
+def test_key_changes_with_the_unet_contract_only_where_a_unet_is_exported(monkeypatch):
+    """An export of an older input contract (say mutual attention over every row) is never reused."""
+    unet = ExportSettings(preset="tiny", components="unet", features="mutual")
+    keys = {settings: cache.cache_key(settings) for settings in (unet, SETTINGS)}
+
+    def renamed_input(*args, **kwargs):
+        spec = unet_spec(*args, **kwargs)
+        inputs = (dataclasses.replace(spec.inputs[-1], name="renamed"), *spec.inputs[:-1])
+        return dataclasses.replace(spec, inputs=inputs)
+
+    monkeypatch.setattr(cache, "unet_spec", renamed_input)
+    assert cache.cache_key(unet) != keys[unet]
+    assert cache.cache_key(SETTINGS) == keys[SETTINGS]  # no UNet in it: its key stays
+
+
 @pytest.fixture
 def exports(monkeypatch):
     """Stands in for the exporter with a small valid export (one ONNX-named file); lists what it made."""

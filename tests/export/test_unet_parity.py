@@ -53,6 +53,7 @@ def test_parity_at_other_shapes_in_the_profile(tiny_export):
         "extra": 3,
         "regions": 3,
         "groups": 1,
+        "mutual_rows": 2,
     }
     expected, got = outputs(directory, random_feed(spec, sizes, seed=404))
     assert got.shape == (3, 4, 24, 8)

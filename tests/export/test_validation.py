@@ -53,8 +53,16 @@ def test_valid_feed_resolves_dims(spec, feed):
             r"'sample' has dtype float16, expected float32",
         ),
         (
-            lambda f: f.update(kv_index=torch.full((2, 2), 5)),
+            lambda f: f.update(kv_index=torch.full((2, 1), 5)),
             r"'kv_index' has values in \[5, 5\], expected values in \[0, 1\]",
+        ),
+        (
+            lambda f: f.update(mutual_rows=torch.tensor([2])),
+            r"'mutual_rows' has values in \[2, 2\], expected values in \[0, 1\]",
+        ),
+        (
+            lambda f: f.update(q_index=torch.zeros(2, 2, dtype=torch.int64)),
+            r"'q_index' has mutual_rows=2 at axis 1, but 'mutual_rows' has mutual_rows=1",
         ),
         (lambda f: f.update(extra_gate=torch.full((2, 1, 16, 16), 2.0)), r"'extra_gate' has values in \[2.0, 2.0\]"),
         (lambda f: f.pop("layer_gates"), r"missing \['layer_gates'\]"),
@@ -92,3 +100,17 @@ def test_open_runner_rejects_bad_directory_and_backend(tmp_path, tiny_export):
         open_runner(tiny_export(features="none"), backend="tensorflow")
     with pytest.raises(ArtifactError, match="no component 'vae'"):
         open_runner(tiny_export(features="none"), component="vae")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_random_feeds_list_distinct_rows_in_range(spec, rows):
+    sizes = {**spec.profile_sizes("opt"), "batch": 6, "mutual_rows": rows}
+    feed = random_feed(spec, sizes, seed=rows)
+    listed = feed["mutual_rows"].tolist()
+    assert len(set(listed)) == rows and all(0 <= row < 6 for row in listed)
+    assert spec.validate(feed)["mutual_rows"] == rows
+
+
+def test_random_feed_refuses_more_listed_rows_than_rows(spec):
+    with pytest.raises(InvalidInputError, match="mutual_rows lists 3 distinct rows of 2"):
+        random_feed(spec, {**spec.profile_sizes("opt"), "batch": 2, "mutual_rows": 3})

@@ -124,12 +124,15 @@ def mutual():
     return attn, SelfAttentionProcessor(frozenset({"mutual"}), block=0, factor=1)
 
 
-def identity_groups(groups: int = 1):
+def identity_groups(groups: int = 1, rows: tuple[int, ...] = tuple(range(B))):
+    """Every listed row's groups read the row itself, over every key."""
+    listed = torch.tensor(rows)
     return {
-        "kv_index": torch.arange(B).expand(groups, B).contiguous(),
-        "q_index": torch.arange(B).expand(groups, B).contiguous(),
-        "self_key_masks": torch.ones(groups, B, H, W),
-        "self_out_gates": torch.ones(groups, B, H, W) / groups,
+        "mutual_rows": listed,
+        "q_index": listed.expand(groups, len(rows)).contiguous(),
+        "kv_index": listed.expand(groups, len(rows)).contiguous(),
+        "self_key_masks": torch.ones(groups, len(rows), H, W),
+        "self_out_gates": torch.ones(groups, len(rows), H, W) / groups,
     }
 
 
@@ -143,12 +146,13 @@ def test_mutual_with_identity_groups_is_plain_self_attention():
 def test_mutual_reads_keys_of_other_rows_under_the_key_mask():
     attn, proc = mutual()
     hidden, _, _ = inputs()
-    cond = identity_groups()
-    cond["kv_index"] = torch.tensor([[1, 1]])  # row 0 attends to row 1's keys and values
+    cond = identity_groups(rows=(0,))
+    cond["kv_index"] = torch.tensor([[1]])  # row 0 attends to row 1's keys and values
     cond["self_key_masks"][:, :, :, : W // 2] = 0  # only the right half of the keys is allowed
     base = run(attn, proc, hidden, **cond, layer_gates=gates())
     stock = run(attn, AttnProcessor2_0(), hidden)
     assert (base[0] - stock[0]).abs().amax() > 1e-3
+    torch.testing.assert_close(base[1], stock[1])  # row 1 is not listed: plain self-attention
     masked_keys = (torch.arange(L) % W) < W // 2
     changed = hidden.clone()
     changed[1, masked_keys] += 5.0  # row 1's masked-out keys; row 0 must not see them
@@ -160,12 +164,26 @@ def test_mutual_reads_keys_of_other_rows_under_the_key_mask():
 def test_mutual_query_index_takes_another_rows_queries():
     attn, proc = mutual()
     hidden, _, _ = inputs()
-    cond = identity_groups()
-    cond["q_index"] = torch.tensor([[1, 1]])
-    cond["kv_index"] = torch.tensor([[1, 1]])
+    cond = identity_groups(rows=(0,))
+    cond["q_index"] = torch.tensor([[1]])
+    cond["kv_index"] = torch.tensor([[1]])
     out = run(attn, proc, hidden, **cond, layer_gates=gates())
     torch.testing.assert_close(out[0], out[1])  # row 0 now computes exactly row 1's attention
     assert not torch.allclose(out[0], run(attn, AttnProcessor2_0(), hidden)[0])
+
+
+def test_mutual_rows_place_each_listed_rows_result_in_its_own_row():
+    """Listed in any order, each row gets the groups at its own position in mutual_rows."""
+    attn, proc = mutual()
+    hidden, _, _ = inputs()
+    swapped = identity_groups(rows=(1, 0))
+    swapped["kv_index"] = torch.tensor([[0, 1]])  # row 1 reads row 0, row 0 reads row 1
+    out = run(attn, proc, hidden, **swapped, layer_gates=gates())
+    for row in (0, 1):
+        alone = identity_groups(rows=(row,))
+        alone["kv_index"] = torch.tensor([[1 - row]])
+        torch.testing.assert_close(out[row], run(attn, proc, hidden, **alone, layer_gates=gates())[row])
+    assert (out - run(attn, AttnProcessor2_0(), hidden)).abs().amax() > 1e-3
 
 
 def test_mutual_groups_take_queries_from_different_rows():
@@ -174,16 +192,15 @@ def test_mutual_groups_take_queries_from_different_rows():
     attn, proc = mutual()
     hidden, _, _ = inputs()
     hidden = torch.cat([hidden, hidden[:1] * -1.0])  # three rows: condition, subject, target
-    three = 3
-    left = torch.zeros(three, H, W)
+    left = torch.zeros(1, H, W)
     left[..., : W // 2] = 1
     cond = {
-        "kv_index": torch.tensor([[0, 1, 1], [0, 1, 0]]),
-        "q_index": torch.tensor([[0, 1, 1], [0, 1, 0]]),
-        "self_key_masks": torch.ones(2, three, H, W),
+        "mutual_rows": torch.tensor([2]),  # only the target reads other rows
+        "kv_index": torch.tensor([[1], [0]]),
+        "q_index": torch.tensor([[1], [0]]),
+        "self_key_masks": torch.ones(2, 1, H, W),
         "self_out_gates": torch.stack([left, 1 - left]),
     }
-    cond["self_out_gates"][:, :2] = torch.tensor([1.0, 0.0])[:, None, None, None]  # rows 0, 1: group 0 only
     out = run(attn, proc, hidden, **cond, layer_gates=gates())
     stock = run(attn, AttnProcessor2_0(), hidden)
     in_left = left[0].reshape(L) > 0

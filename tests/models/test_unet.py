@@ -38,10 +38,10 @@ def neutral(feed: dict) -> dict:
             out[name] = torch.ones_like(out[name])
     if "extra_gate" in out:
         out["extra_gate"] = torch.zeros_like(out["extra_gate"])
-    if "kv_index" in out:
-        groups, batch = out["kv_index"].shape
-        out["kv_index"] = torch.arange(batch).expand(groups, batch).contiguous()
-        out["q_index"] = torch.arange(batch).expand(groups, batch).contiguous()
+    if "mutual_rows" in out:  # every listed row's groups read the row itself
+        groups = out["kv_index"].shape[0]
+        out["kv_index"] = out["mutual_rows"].expand(groups, -1).contiguous()
+        out["q_index"] = out["mutual_rows"].expand(groups, -1).contiguous()
         out["self_out_gates"] = torch.full_like(out["self_out_gates"], 1.0 / groups)
     return out
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from vgrt.errors import InvalidInputError
-from vgrt.export.spec import ComponentSpec, TensorSpec
-from vgrt.models.presets import Range
+from vgrt.export.spec import ComponentSpec, TensorSpec, unet_spec
+from vgrt.models.presets import Range, get_preset
 from vgrt.runtime.conditioning import Conditioning, unet_inputs
 
 SPEC = ComponentSpec(
@@ -88,3 +88,22 @@ def test_bad_conditioning_is_named(conditioning, message):
 def test_uncond_inputs_need_a_cond_value():
     with pytest.raises(InvalidInputError, match="give every input in cond"):
         inputs(Conditioning({"layer_gates": COND["layer_gates"]}, {"kv_index": COND["kv_index"]}), guided=True)
+
+
+def test_guided_halves_of_listed_rows_stack_along_the_list():
+    """Mutual attention's inputs per listed row (mutual_rows) stack along that list, not along the batch."""
+    spec = unet_spec(get_preset("tiny"), frozenset({"mutual"}), "float32", num_blocks=3)
+    masks = torch.zeros(2, 1, 8, 8)
+    cond = {
+        "mutual_rows": torch.tensor([2]),
+        "q_index": torch.tensor([[1], [0]]),
+        "kv_index": torch.tensor([[1], [2]]),
+        "self_key_masks": masks,
+        "self_out_gates": masks + 1,
+        "layer_gates": torch.ones(3, 2),
+    }
+    got = unet_inputs(spec, Conditioning(cond, {"self_key_masks": masks + 0.5}), ROWS, True, torch.device("cpu"))
+    assert got["mutual_rows"].tolist() == [2, 5]
+    assert got["q_index"].tolist() == [[1, 4], [0, 3]] and got["kv_index"].tolist() == [[1, 4], [2, 5]]
+    assert got["self_key_masks"].shape == (2, 2, 8, 8)
+    assert (got["self_key_masks"][:, 0] == 0.5).all() and (got["self_key_masks"][:, 1] == 0).all()  # uncond first

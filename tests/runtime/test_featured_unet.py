@@ -34,5 +34,7 @@ def test_guided_sampling_with_mutual_attention_and_per_step_gates_agrees_across_
             )
         assert len(recording.feeds) == 4
         assert all(torch.equal(feed["layer_gates"], gates[i % 2]) for i, feed in enumerate(recording.feeds))
-        assert recording.feeds[0]["kv_index"].shape[-1] == 2 * ROWS  # both guidance halves, each wired to itself
+        listed = cond["mutual_rows"]  # both guidance halves' listed rows, each half wired to itself
+        assert recording.feeds[0]["mutual_rows"].tolist() == torch.cat([listed, listed + ROWS]).tolist()
+        assert recording.feeds[0]["kv_index"].shape[-1] == 2 * len(listed)
     assert relative_error(finals["onnxruntime"], finals["torch"]) <= 1e-4

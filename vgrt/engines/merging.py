@@ -6,12 +6,13 @@ thread over one shared Composer, share each step's call (`vgrt serve --max-batch
     with merger.composing():                 # in each thread that composes a request
         method.compose(composer, request)
 
-Calls to one runner merge when their feeds differ only along the batch axis (the spec's "batch" dim of
-each input; same sizes of every other dim, same dtypes and devices) and their batch-less inputs (the
-per-block `layer_gates`) hold equal values. The merged feed is each input concatenated along its batch
-axis, with the inputs that index batch rows (`index_of == "batch"`: mutual self-attention's kv_index and
-q_index) offset by the rows before them, so each request's rows still read only its own rows; the
-outputs are split back along their batch axis. Rows are independent in the UNet, so a request gets what
+Calls to one runner merge when their feeds differ only along their row axes (ComponentSpec.row_axis: the
+spec's "batch" dim, or the dim of a list of batch rows such as mutual self-attention's "mutual_rows"; same
+sizes of every other dim, same dtypes and devices) and their row-less inputs (the per-block `layer_gates`)
+hold equal values. The merged feed is each input concatenated along its row axis, with the inputs that
+index batch rows (`index_of == "batch"`: mutual self-attention's mutual_rows, q_index and kv_index)
+offset by the batch rows before them, so each request's rows still read only its own rows; the outputs
+are split back along their batch axis. Rows are independent in the UNet, so a request gets what
 it would get alone, up to the backend choosing other kernels or blockings for the larger batch.
 
 A call waits for partners in a group, at most `wait_s`, and not at all when it cannot have one: fewer than
@@ -155,7 +156,8 @@ class CallMerger:
         calls = group.calls
         spec, rows = group.runner.spec, [call.sizes["batch"] for call in calls]
         try:
-            outputs = group.runner.infer_impl(merged_feed(spec, [c.feed for c in calls], rows), _merged_sizes(calls))
+            merged = merged_feed(spec, [c.feed for c in calls], rows)
+            outputs = group.runner.infer_impl(merged, _merged_sizes(spec, calls))
             splits = split_outputs(spec, outputs, rows)
         except Exception:  # noqa: BLE001 - each call runs alone instead, and meets its own error, if any
             with self._changed:
@@ -193,11 +195,11 @@ def batch_axis(shape: tuple) -> int | None:
 
 
 def merge_key(spec: ComponentSpec, feed: Feed) -> tuple | None:
-    """What calls must share to merge: every input's dtype, device and sizes off its batch axis. None
-    for a feed that cannot merge (a batch-row index without a batch axis to offset it along)."""
+    """What calls must share to merge: every input's dtype, device and sizes off its row axis. None
+    for a feed that cannot merge (a batch-row index without a row axis to concatenate it along)."""
     key = []
     for t in spec.inputs:
-        value, axis = feed[t.name], batch_axis(t.shape)
+        value, axis = feed[t.name], spec.row_axis(t)
         if t.index_of == "batch" and axis is None:
             return None
         shape = tuple(size for i, size in enumerate(value.shape) if i != axis)
@@ -206,22 +208,23 @@ def merge_key(spec: ComponentSpec, feed: Feed) -> tuple | None:
 
 
 def _same_unbatched(spec: ComponentSpec, group: _Group, call: _Call) -> bool:
-    """Whether `call`'s batch-less inputs hold the values of the group's (one engine call takes one of each)."""
+    """Whether `call`'s row-less inputs hold the values of the group's (one engine call takes one of each)."""
     first = group.calls[0].feed
     return all(
         first[t.name] is call.feed[t.name] or torch.equal(first[t.name], call.feed[t.name])
         for t in spec.inputs
-        if batch_axis(t.shape) is None
+        if spec.row_axis(t) is None
     )
 
 
 def merged_feed(spec: ComponentSpec, feeds: list[Feed], rows: list[int]) -> Feed:
-    """One feed of all `feeds`' rows (`rows` each), in order: batch inputs concatenated along their batch
-    axis (batch-row indices offset by the rows before them), batch-less inputs taken from the first feed."""
+    """One feed of all `feeds`' rows (`rows` batch rows each), in order: inputs with a row axis concatenated
+    along it (batch-row indices offset by the batch rows before them), row-less inputs taken from the first
+    feed."""
     offsets = [sum(rows[:i]) for i in range(len(feeds))]
     merged = {}
     for t in spec.inputs:
-        axis = batch_axis(t.shape)
+        axis = spec.row_axis(t)
         if axis is None:
             merged[t.name] = feeds[0][t.name]
         elif t.index_of == "batch":
@@ -242,5 +245,7 @@ def split_outputs(spec: ComponentSpec, outputs: Feed, rows: list[int]) -> list[F
     return split
 
 
-def _merged_sizes(calls: list[_Call]) -> dict[str, Any]:
-    return {**calls[0].sizes, "batch": sum(call.sizes["batch"] for call in calls)}
+def _merged_sizes(spec: ComponentSpec, calls: list[_Call]) -> dict[str, Any]:
+    """The calls' sizes with every row dim (ComponentSpec.row_dims) summed over the calls."""
+    summed = {dim: sum(call.sizes[dim] for call in calls) for dim in spec.row_dims() if dim in calls[0].sizes}
+    return {**calls[0].sizes, **summed}

@@ -3,8 +3,9 @@
 The key covers the export settings (preset, components, features, dtype, opset, attention form, seed),
 the weights (path, size and modification time of every file under it: a changed file gives a new
 key without hashing gigabytes on every start), the same of the adapter checkpoints and the image encoder
-folders published beside them, the versions of vgrt, torch and onnx, and the versions of graph passes
-that may change within a vgrt release (vgrt.export.group_norm). A composer exports each component into
+folders published beside them, the versions of vgrt, torch and onnx, the versions of graph passes
+that may change within a vgrt release (vgrt.export.group_norm), and the UNet's input contract (its spec:
+names, shapes, profiles), which may change within a release too. A composer exports each component into
 its own entry (vgrt.engines.engine_set), so a method exports only what it runs. Each
 entry has a lock (vgrt.export.staging): a process that needs an entry another one is exporting waits for
 it and reuses it. An entry is checked before reuse (manifest and file hashes, see vgrt.export.verify); a
@@ -27,10 +28,15 @@ from vgrt._lazy import is_available
 from vgrt.errors import ArtifactError, InvalidInputError
 from vgrt.export import group_norm
 from vgrt.export.blobs import STORE, share_weights
-from vgrt.export.exporter import ExportSettings, write_export
+from vgrt.export.components import parse_components
+from vgrt.export.exporter import DTYPES, ExportSettings, write_export
 from vgrt.export.manifest import read_manifest
+from vgrt.export.spec import unet_spec
 from vgrt.export.staging import clean_interrupted, describe_os_error, discard_directory, sweep_interrupted, target_lock
 from vgrt.models.adapter_checkpoints import adapter_inputs
+from vgrt.models.features import parse_features
+from vgrt.models.presets import PRESETS
+from vgrt.models.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +71,25 @@ def cache_key(settings: ExportSettings) -> str:
         "versions": [vgrt.__version__, torch.__version__, _installed_version("onnx")],
         "passes": {"group_norm": group_norm.PASS_VERSION},  # a changed pass makes new exports under one vgrt version
     }
+    contract = _unet_contract(settings)
+    if contract is not None:  # entries without a UNet keep the keys they had before the contract was keyed
+        identity["unet_contract"] = contract
     if settings.adapters:  # what the adapters read: their files, and the image encoder folders published with them
         identity["adapters"] = [weights_fingerprint(str(path)) for path in adapter_inputs(settings.adapters)]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _unet_contract(settings: ExportSettings) -> dict | None:
+    """The exported UNet's input contract (its spec, without the block count: the config fixes it, and the key
+    covers the config), so that a changed contract makes new exports under one vgrt version; None without a UNet.
+    A named preset's spec stands for its weights' (whose files the key covers), so no weights are read here."""
+    if settings.preset in PRESETS:
+        preset = PRESETS[settings.preset]
+    else:
+        preset = ModelSource(settings.preset, settings.seed, settings.weights, settings.allow_pickle).model_preset()
+    if "unet" not in parse_components(settings.components, preset):
+        return None
+    return unet_spec(preset, parse_features(settings.features), DTYPES[settings.dtype][0], num_blocks=0).to_json()
 
 
 def cached_export(settings: ExportSettings, root: Path | None = None) -> Path:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from vgrt.errors import InvalidInputError
 from vgrt.export.spec import ComponentSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
@@ -12,8 +13,9 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": to
 def random_feed(spec: ComponentSpec, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs of `spec` at `sizes` (default: the profile's opt sizes).
 
-    Masks and gates are 0/1 or in [0, 1], indices lie in range, timesteps in [0, 1000), and every
-    region owns at least one token and one latent pixel, so no feature is a silent no-op.
+    Masks and gates are 0/1 or in [0, 1], indices lie in range, lists of rows (a 1-D index input along a
+    dim of its own, as mutual_rows) hold distinct rows, timesteps lie in [0, 1000), and every region owns
+    at least one token and one latent pixel, so no feature is a silent no-op.
     """
     sizes = sizes or spec.profile_sizes("opt")
     generator = torch.Generator().manual_seed(seed)
@@ -21,7 +23,9 @@ def random_feed(spec: ComponentSpec, sizes: dict[str, int] | None = None, seed: 
     for t in spec.inputs:
         shape = spec.shape(t, sizes)
         dtype = _TORCH_DTYPES[t.dtype]
-        if t.index_of:
+        if t.index_of and t.shape[0] != t.index_of and len(shape) == 1:
+            value = _distinct_rows(t.name, shape[0], sizes[t.index_of], generator)
+        elif t.index_of:
             value = torch.randint(0, sizes[t.index_of], shape, generator=generator)
         elif t.name == "timestep":
             value = torch.randint(0, 1000, shape, generator=generator).to(dtype)
@@ -39,6 +43,14 @@ def random_feed(spec: ComponentSpec, sizes: dict[str, int] | None = None, seed: 
             value = torch.randn(shape, generator=generator).to(dtype)
         feed[t.name] = value
     return feed
+
+
+def _distinct_rows(name: str, count: int, rows: int, generator: torch.Generator) -> torch.Tensor:
+    if count > rows:
+        raise InvalidInputError(
+            f"{name} lists {count} distinct rows of {rows}; give sizes with at most as many listed rows as rows"
+        )
+    return torch.randperm(rows, generator=generator)[:count]
 
 
 def example_feed(directory: str | Path, component: str = "unet", seed: int = 0) -> dict[str, torch.Tensor]:

@@ -54,6 +54,17 @@ class ComponentSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
+    def row_dims(self) -> frozenset[str]:
+        """The dims that count batch rows: "batch", and the dim of every list of batch rows (a 1-D input with
+        index_of="batch", as mutual_rows). Calls merge, and guidance halves stack, along these dims."""
+        lists = {t.shape[0] for t in self.inputs if t.index_of == "batch" and len(t.shape) == 1}
+        return frozenset({"batch", *lists})
+
+    def row_axis(self, tensor: TensorSpec) -> int | None:
+        """The axis of `tensor` along which its values are per batch row (see row_dims), or None."""
+        rows = self.row_dims()
+        return next((axis for axis, dim in enumerate(tensor.shape) if dim in rows), None)
+
     def shape(self, tensor: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(resolve_dim(d, sizes) for d in tensor.shape)
 
@@ -278,16 +289,7 @@ def unet_spec(
             ),
         ]
     if "mutual" in f:
-        inputs += [
-            TensorSpec(
-                "kv_index", "int64", ("groups", "batch"), "batch row each group reads K/V from", index_of="batch"
-            ),
-            TensorSpec(
-                "q_index", "int64", ("groups", "batch"), "batch row each group takes queries from", index_of="batch"
-            ),
-            TensorSpec("self_key_masks", dtype, ("groups", "batch", *latent), "1 = key allowed in group", unit),
-            TensorSpec("self_out_gates", dtype, ("groups", "batch", *latent), "per-query weight of each group", unit),
-        ]
+        inputs += _mutual_inputs(dtype)
     if any(g in f for g in GATED):
         inputs.append(
             TensorSpec(
@@ -295,8 +297,9 @@ def unet_spec(
             )
         )
     used = {d for t in inputs for d in t.shape if isinstance(d, str)}
+    # mutual_rows comes before batch so that tracing (sizes distinct in dims order) has fewer rows than batch
     ranges = {
-        "batch": p.batch, "height": p.latent, "width": p.latent, "context": p.context,
+        "mutual_rows": p.mutual_rows, "batch": p.batch, "height": p.latent, "width": p.latent, "context": p.context,
         "extra": p.extra_tokens, "regions": p.regions, "groups": p.groups,
     }  # fmt: skip
     outputs = [TensorSpec("noise_pred", dtype, ("batch", config["out_channels"], *latent), preset.prediction_type)]
@@ -310,3 +313,24 @@ def unet_spec(
         dims={k: v for k, v in ranges.items() if k in used},
         multiple_of={"height": factor, "width": factor},
     )
+
+
+def _mutual_inputs(dtype: str) -> list[TensorSpec]:
+    """Mutual self-attention (vgrt.models.processors.SelfAttentionProcessor): every row attends to itself;
+    only the rows listed in mutual_rows also read other rows. For the j-th listed row and group g, the
+    queries of batch row q_index[g, j] attend to the keys and values of row kv_index[g, j] where
+    self_key_masks[g, j] allows; the groups' outputs, weighted per query by self_out_gates[g, j], sum to
+    the row's mutual attention, which layer_gates[block, mutual] blends with its plain attention."""
+    latent = ("height", "width")
+    per_group = ("groups", "mutual_rows")
+    return [
+        TensorSpec(
+            "mutual_rows", "int64", ("mutual_rows",),
+            "distinct batch rows whose self-attention reads other rows; the others attend to themselves only",
+            index_of="batch",
+        ),
+        TensorSpec("q_index", "int64", per_group, "batch row whose queries group g of listed row j uses", index_of="batch"),
+        TensorSpec("kv_index", "int64", per_group, "batch row whose keys/values group g of listed row j reads", index_of="batch"),
+        TensorSpec("self_key_masks", dtype, (*per_group, *latent), "1 = key allowed in group g of listed row j", (0.0, 1.0)),
+        TensorSpec("self_out_gates", dtype, (*per_group, *latent), "per-query weight of group g's output in listed row j", (0.0, 1.0)),
+    ]  # fmt: skip

@@ -24,10 +24,11 @@ class Conditioning:
     extra_gate: torch.Tensor | None = None  # [B, 1, H, W] per-query output gate of the extra tokens
     region_masks: torch.Tensor | None = None  # [B, R, H, W], 1 = query inside region r
     token_regions: torch.Tensor | None = None  # [B, R, Ne], 1 = extra token j belongs to region r
-    kv_index: torch.Tensor | None = None  # [G, B] batch row whose K/V group g of row b reads
-    q_index: torch.Tensor | None = None  # [G, B] batch row whose queries group g of row b uses
-    self_key_masks: torch.Tensor | None = None  # [G, B, H, W], 1 = key allowed in group g
-    self_out_gates: torch.Tensor | None = None  # [G, B, H, W] per-query weight of group g's output
+    mutual_rows: torch.Tensor | None = None  # [R] distinct batch rows whose self-attention reads other rows
+    q_index: torch.Tensor | None = None  # [G, R] batch row whose queries group g of listed row j uses
+    kv_index: torch.Tensor | None = None  # [G, R] batch row whose K/V group g of listed row j reads
+    self_key_masks: torch.Tensor | None = None  # [G, R, H, W], 1 = key allowed in group g
+    self_out_gates: torch.Tensor | None = None  # [G, R, H, W] per-query weight of group g's output
     layer_gates: torch.Tensor | None = None  # [blocks, 2]: extra-token scale, mutual blend
     probe_maps: list[torch.Tensor] | None = None  # with `probes`: each cross-attention layer appends [B, R, H, W]
 

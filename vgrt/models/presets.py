@@ -37,6 +37,8 @@ class ShapeProfile:
         extra_tokens: tokens in each extra token set (IP-style image tokens, object tokens).
         regions: regions of the region-restriction feature.
         groups: softmax groups of the mutual self-attention feature.
+        mutual_rows: rows whose self-attention reads other rows (mutual feature); distinct batch rows, so
+            at most batch.max.
     """
 
     batch: Range
@@ -45,6 +47,7 @@ class ShapeProfile:
     extra_tokens: Range = Range(1, 4, 64)
     regions: Range = Range(1, 2, 8)
     groups: Range = Range(1, 2, 4)
+    mutual_rows: Range = Range(1, 1, 8)
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,14 @@ class CrossAttentionProcessor(_ConditionedProcessor):
 
 
 class SelfAttentionProcessor(_ConditionedProcessor):
-    """Self-attention, optionally blended with mutual attention over other batch rows.
+    """Self-attention, optionally blended with mutual attention over other batch rows in some rows.
 
-    Mutual attention (MasaCtrl, MCA-Ctrl's SALQ and SAGI): for each softmax group g, row b attends with
-    the queries of row q_index[g, b] to the keys and values of row kv_index[g, b], restricted to the keys
-    its key mask allows; the groups' outputs are summed with per-query gates. The block's
-    `layer_gates` value blends plain (0) and mutual (1) attention.
+    Mutual attention (MasaCtrl, MCA-Ctrl's SALQ and SAGI) runs only for the rows listed in `mutual_rows`
+    (distinct batch rows; every other row is plain self-attention): for the j-th listed row and softmax
+    group g, the queries of row q_index[g, j] attend to the keys and values of row kv_index[g, j],
+    restricted to the keys self_key_masks[g, j] allows; the groups' outputs are summed with per-query
+    gates self_out_gates[g, j]. The block's `layer_gates` value blends the listed rows' plain (0) and
+    mutual (1) attention; the other rows are never computed twice.
     """
 
     def attend(
@@ -126,18 +128,23 @@ class SelfAttentionProcessor(_ConditionedProcessor):
     ) -> torch.Tensor:
         out = masked_attention(q, k, v, scale=attn.scale)
         if "mutual" in self.features:
+            plain = out.index_select(0, cond.mutual_rows)
             blend = cond.layer_gates[self.block, MUTUAL_GATE]
-            out = out + blend * (self._mutual(attn, q, k, v, cond) - out)
+            blended = plain + blend * (self._mutual(attn, q, k, v, cond) - plain)
+            out = out.index_copy(0, cond.mutual_rows, blended)
         return out
 
     def _mutual(
         self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
-        groups, batch = cond.kv_index.shape
-        rows = cond.kv_index.reshape(-1)
+        """[R, H, L, D]: the mutual attention of each listed row."""
+        groups, rows = cond.kv_index.shape
+        kv_rows = cond.kv_index.reshape(-1)
         q_rows = q.index_select(0, cond.q_index.reshape(-1))
-        key_allowed = to_layer_grid(cond.self_key_masks, self.factor).reshape(groups * batch, -1) > 0
+        key_allowed = to_layer_grid(cond.self_key_masks, self.factor).reshape(groups * rows, -1) > 0
         bias = allowed_to_bias(key_allowed, q.dtype)[:, None, None, :]
-        grouped = masked_attention(q_rows, k.index_select(0, rows), v.index_select(0, rows), bias, scale=attn.scale)
-        gates = to_layer_grid(cond.self_out_gates, self.factor).reshape(groups * batch, 1, -1, 1)
-        return (grouped * gates).unflatten(0, (groups, batch)).sum(dim=0)
+        grouped = masked_attention(
+            q_rows, k.index_select(0, kv_rows), v.index_select(0, kv_rows), bias, scale=attn.scale
+        )
+        gates = to_layer_grid(cond.self_out_gates, self.factor).reshape(groups * rows, 1, -1, 1)
+        return (grouped * gates).unflatten(0, (groups, rows)).sum(dim=0)

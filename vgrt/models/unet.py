@@ -84,8 +84,9 @@ class ConditionedUNet(nn.Module):
         extra_gate: torch.Tensor | None = None,
         region_masks: torch.Tensor | None = None,
         token_regions: torch.Tensor | None = None,
-        kv_index: torch.Tensor | None = None,
+        mutual_rows: torch.Tensor | None = None,
         q_index: torch.Tensor | None = None,
+        kv_index: torch.Tensor | None = None,
         self_key_masks: torch.Tensor | None = None,
         self_out_gates: torch.Tensor | None = None,
         layer_gates: torch.Tensor | None = None,
@@ -97,7 +98,7 @@ class ConditionedUNet(nn.Module):
         if self.features:
             conditioning = Conditioning(
                 key_mask, extra_tokens, extra_key_tokens, extra_gate, region_masks, token_regions,
-                kv_index, q_index, self_key_masks, self_out_gates, layer_gates, probe_maps,
+                mutual_rows, q_index, kv_index, self_key_masks, self_out_gates, layer_gates, probe_maps,
             )  # fmt: skip
             kwargs = {"conditioning": conditioning}
         noise_pred = self.unet(

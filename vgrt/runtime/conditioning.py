@@ -2,8 +2,9 @@
 
 With classifier-free guidance one UNet call carries both: rows [0, B) are unconditional, rows
 [B, 2B) conditional (the diffusers order). Each half is written as if it were alone, and stacking
-relabels it: index inputs that point at batch rows (kv_index, q_index) of the conditional half are
-shifted by B, so a method's row wiring holds unchanged inside each half.
+relabels it: index inputs that point at batch rows (mutual_rows, q_index, kv_index) of the conditional half
+are shifted by B, so a method's row wiring holds unchanged inside each half. Inputs per batch row stack
+along their batch axis, inputs per listed row (q_index [groups, mutual_rows]) along the list's axis.
 """
 
 from collections.abc import Mapping
@@ -47,13 +48,13 @@ def unet_inputs(
         cond = _as_spec_tensor(t, cond, device)
         if not guided:
             inputs[name] = cond
-        elif "batch" not in t.shape:
+        elif spec.row_axis(t) is None:
             if name in conditioning.uncond:
                 raise InvalidInputError(f"{name!r} has no batch axis, so both halves share it: give it in cond only")
             inputs[name] = cond
         else:
             uncond = _as_spec_tensor(t, conditioning.uncond[name], device) if name in conditioning.uncond else cond
-            inputs[name] = _stack_halves(t, uncond, cond, rows)
+            inputs[name] = _stack_halves(t, uncond, cond, rows, spec.row_axis(t))
     return inputs
 
 
@@ -76,7 +77,8 @@ def _as_spec_tensor(t: TensorSpec, value: torch.Tensor, device: torch.device) ->
     return torch.as_tensor(value).to(device=device, dtype=getattr(torch, t.dtype), copy=True)
 
 
-def _stack_halves(t: TensorSpec, uncond: torch.Tensor, cond: torch.Tensor, rows: int) -> torch.Tensor:
+def _stack_halves(t: TensorSpec, uncond: torch.Tensor, cond: torch.Tensor, rows: int, axis: int) -> torch.Tensor:
+    """The halves concatenated along `axis`, the batch axis or a list of rows' (ComponentSpec.row_axis)."""
     if t.index_of == "batch":
         cond = cond + rows
-    return torch.cat([uncond, cond], dim=t.shape.index("batch"))
+    return torch.cat([uncond, cond], dim=axis)

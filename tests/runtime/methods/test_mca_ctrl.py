@@ -67,7 +67,7 @@ def test_target_background_never_reads_subject_keys():
     masks = {"subject": torch.zeros(4, 4), "region": torch.zeros(4, 4)}
     masks["subject"][1:3, 1:3] = 1
     masks["region"][:2, 2:] = 1
-    groups = mca_ctrl._groups(3, 2, fg=(2, 1), bg=(2, 0), masks=masks)
+    groups = mca_ctrl._groups(2, fg=(2, 1), bg=(2, 0), masks=masks)
     cond = LayerConditioning(layer_gates=torch.tensor([[0.0, 1.0]]), **groups)
     hidden = torch.randn(3, 16, 32)
     with torch.no_grad():
@@ -78,6 +78,7 @@ def test_target_background_never_reads_subject_keys():
     inside = masks["region"].reshape(16) > 0
     torch.testing.assert_close(changed[2, ~inside], base[2, ~inside])
     assert (changed[2, inside] - base[2, inside]).abs().amax() > 1e-3
+    torch.testing.assert_close(changed[0], base[0])  # the condition branch is not listed: it reads itself only
     assert not torch.allclose(base[2], AttnProcessor2_0()(attn, hidden)[2])  # the target is composed, not plain
 
 

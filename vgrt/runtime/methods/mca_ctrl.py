@@ -115,21 +115,19 @@ def _layout(mode: str) -> _Branches:
     return _Branches(2, 2, 0) if mode == "edit" else _Branches(1, 1, None)
 
 
-def _groups(rows: int, target: int, fg: tuple[int, int], bg: tuple[int, int], masks: dict[str, torch.Tensor]) -> dict:
-    """Mutual-attention inputs for one half: every row plain except the target, whose foreground group
-    reads (queries, keys/values) of rows `fg` over subject keys and whose background group reads rows
-    `bg` over keys outside the region, blended by the region mask; made on the masks' device."""
-    (h, w), device = masks["subject"].shape, masks["subject"].device
-    identity = torch.arange(rows, device=device)
-    q_index, kv_index = identity.repeat(2, 1), identity.repeat(2, 1)
-    key_masks = torch.ones(2, rows, h, w, device=device)
-    gates = torch.zeros(2, rows, h, w, device=device)
-    gates[0] = 1.0  # non-target rows: group 0 is their own plain attention
-    q_index[:, target] = torch.tensor([fg[0], bg[0]], device=device)
-    kv_index[:, target] = torch.tensor([fg[1], bg[1]], device=device)
-    key_masks[0, target], key_masks[1, target] = masks["subject"], 1 - masks["region"]
-    gates[0, target], gates[1, target] = masks["region"], 1 - masks["region"]
-    return {"q_index": q_index, "kv_index": kv_index, "self_key_masks": key_masks, "self_out_gates": gates}
+def _groups(target: int, fg: tuple[int, int], bg: tuple[int, int], masks: dict[str, torch.Tensor]) -> dict:
+    """Mutual-attention inputs for one half: only the target row reads other rows (the others attend to
+    themselves); its foreground group reads (queries, keys/values) of rows `fg` over subject keys, its
+    background group rows `bg` over keys outside the region, blended by the region mask; made on the
+    masks' device."""
+    device = masks["subject"].device
+    return {
+        "mutual_rows": torch.tensor([target], device=device),
+        "q_index": torch.tensor([[fg[0]], [bg[0]]], device=device),
+        "kv_index": torch.tensor([[fg[1]], [bg[1]]], device=device),
+        "self_key_masks": torch.stack([masks["subject"], 1 - masks["region"]])[:, None],
+        "self_out_gates": torch.stack([masks["region"], 1 - masks["region"]])[:, None],
+    }
 
 
 def _check_mask_source(image: torch.Tensor, mask: torch.Tensor | None, text: str | None, name: str) -> None:
@@ -240,12 +238,12 @@ def _phase_feeds(spec, request, branches: _Branches, rows: int, masks, text, blo
     `text` holds the (conditional, unconditional) text inputs of every row."""
     target = branches.target
     if request.mode == "edit":
-        sagi = _groups(rows, target, fg=(1, 1), bg=(0, 0), masks=masks)
-        salq = _groups(rows, target, fg=(target, 1), bg=(target, 0), masks=masks)
+        sagi = _groups(target, fg=(1, 1), bg=(0, 0), masks=masks)
+        salq = _groups(target, fg=(target, 1), bg=(target, 0), masks=masks)
         salq_first = round(EDIT_SALQ_FIRST_BLOCK * blocks)
     else:
-        sagi = _groups(rows, target, fg=(0, 0), bg=(target, target), masks=masks)
-        salq = _groups(rows, target, fg=(target, 0), bg=(target, target), masks=masks)
+        sagi = _groups(target, fg=(0, 0), bg=(target, target), masks=masks)
+        salq = _groups(target, fg=(target, 0), bg=(target, target), masks=masks)
         salq_first = 0
     context, uncond = text
     guided = request.guidance_scale > 1
