@@ -24,3 +24,13 @@ def synthetic_set(tiny_export, tmp_path_factory):
         run = CapturedRun("random-0", "random", 0, 8, (128, 128), "none", inputs, 8, 8, "", 0, "")
         writer.add_run(run, feeds)
     return export, directory
+
+
+@pytest.fixture(scope="session")
+def int8_export(synthetic_set, tmp_path_factory):
+    """(fp32 export, INT8 export, its QuantisationReport): the synthetic set quantised with the default settings."""
+    from vgrt.calibration.int8 import Int8Settings, quantize_export
+
+    export, calibration = synthetic_set
+    out, report = quantize_export(export, calibration, tmp_path_factory.mktemp("int8") / "unet-int8", Int8Settings())
+    return export, out, report

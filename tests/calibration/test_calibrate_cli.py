@@ -27,6 +27,7 @@ def no_work(monkeypatch):
         (["--seeds", "a,b"], "--seeds 'a,b' is not comma-separated whole numbers"),
         (["--preset", "sd99"], "sd99"),
         (["--capture-only", "--from-set"], "--from-set and --capture-only exclude each other"),
+        (["--smoothquant", "0.5,2"], "--smoothquant '0.5,2' is not comma-separated numbers in [0, 1]"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, no_work, extra, message):

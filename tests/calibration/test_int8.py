@@ -13,15 +13,6 @@ pytest.importorskip("onnxruntime.quantization")
 TOLERANCE = 0.15
 
 
-@pytest.fixture(scope="module")
-def int8_export(synthetic_set, tmp_path_factory):
-    from vgrt.calibration.int8 import Int8Settings, quantize_export
-
-    export, calibration = synthetic_set
-    out, report = quantize_export(export, calibration, tmp_path_factory.mktemp("int8") / "unet-int8", Int8Settings())
-    return export, out, report
-
-
 def _relative_error(export, out, backend, **settings):
     from vgrt.engines import open_runner
     from vgrt.export.feeds import random_feed

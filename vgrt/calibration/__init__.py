@@ -6,6 +6,7 @@
   on a set; `vgrt compose --precision int8 --calibrated DIR` runs one;
 - `tensorrt_qdq`: TensorRT INT8 and FP8 exports: symmetric Q/DQ nodes in vgrt's own fp16 export;
 - `sensitivity`: per-layer signal-to-quantisation-noise ratios, and the layers that fall back to float.
+- `smoothquant`: SmoothQuant for the layers below the SQNR threshold, tried before they fall back to float.
 """
 
 # Defaults of a capture: the issue's budget for one method on SD 1.5 in under 30 minutes on 2 cores.

@@ -88,7 +88,8 @@ class TensorRtQdqSettings:
         threshold = self.sqnr_threshold_db
         if threshold == "default":
             threshold = default_sqnr_threshold_db(self.precision)
-        return Int8Settings(threshold, self.held_out, self.float_layers)
+        # SmoothQuant is the CPU INT8 path's so far: TensorRT's layers below the threshold go to fp16
+        return Int8Settings(threshold, self.held_out, self.float_layers, smoothquant_alphas=())
 
 
 def quantize_for_tensorrt(
@@ -117,8 +118,8 @@ def quantize_for_tensorrt(
     with claimed_target(out), atomic_directory(out) as staging, private_copy(manifest.path(entry)) as source:
         target = staging / entry.file
 
-        def quantise(float_layers: list[str]) -> None:
-            quantise_symmetric(source, target, calib, float_layers, settings.precision)
+        def quantise(model: Path, float_layers: list[str]) -> None:
+            quantise_symmetric(model, target, calib, float_layers, settings.precision)
             if settings.precision == "fp8":
                 _rewrite(target, to_fp8)
 

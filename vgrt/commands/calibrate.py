@@ -68,6 +68,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_FP8_SQNR_THRESHOLD_DB:g} for fp8, whose rounding alone costs about 29 dB); 0: none",
     )  # fmt: skip
     parser.add_argument(
+        "--smoothquant", default="none",
+        help="SmoothQuant strengths tried on the layers below --sqnr-threshold before they stay in float, each "
+        "layer taking its best, e.g. 0.5,0.6,0.7,0.8 (cpu int8; default: none, they stay in float at once)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-report", action="store_true", help="skip the quality report (each run again with fp32, int8 and bf16)"
     )
     parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
@@ -124,6 +129,7 @@ def _checked(args: argparse.Namespace):
         )
     if args.set is None and args.out is None:
         raise InvalidInputError("--capture-only needs --set DIR, the calibration set to capture into")
+    args.smoothquant = _alphas(args.smoothquant)
     if args.max_samples < 1:
         raise InvalidInputError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.steps is not None and args.steps < 1:
@@ -139,6 +145,22 @@ def _checked(args: argparse.Namespace):
     if args.cache:
         check_writable_folder(args.cache, "--cache")
     return args.out, calibration_set, CallSelection.parse(args.calls)
+
+
+def _alphas(text: str) -> tuple[float, ...]:
+    from vgrt.errors import InvalidInputError
+
+    if text == "none":
+        return ()
+    try:
+        alphas = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        alphas = ()
+    if not alphas or any(not 0 <= alpha <= 1 for alpha in alphas):
+        raise InvalidInputError(
+            f"--smoothquant {text!r} is not comma-separated numbers in [0, 1] (e.g. 0.5,0.8) or none"
+        )
+    return alphas
 
 
 def _seeds(text: str) -> list[int]:
@@ -199,7 +221,9 @@ def _quantise(args: argparse.Namespace, source, features: str, calibration, out)
         out, report = quantize_for_tensorrt(export, calibration, out, settings)
         runs_on = "Q/DQ for TensorRT, measured on ONNX Runtime's CPU reference"
     else:
-        out, report = quantize_export(export, calibration, out, Int8Settings(sqnr_threshold_db=threshold))
+        out, report = quantize_export(
+            export, calibration, out, Int8Settings(sqnr_threshold_db=threshold, smoothquant_alphas=args.smoothquant)
+        )
         runs_on = "opens on onnxruntime and openvino"
     worst = min(report.layer_sqnr_db.items(), key=lambda item: item[1])
     print(f"wrote {out}/manifest.json ({args.precision} UNet, features {features}; {runs_on})")
@@ -210,6 +234,9 @@ def _quantise(args: argparse.Namespace, source, features: str, calibration, out)
     shown = ", ".join(report.float_layers[:6]) + (", ..." if len(report.float_layers) > 6 else "")
     below = f"below {threshold:g} dB" if threshold is not None else "no threshold"
     print(f"  {len(report.float_layers)} kept in float ({below}): {shown or 'none'}")
+    if report.smoothed_layers:
+        alphas = sorted(set(report.smoothed_layers.values()))
+        print(f"  {len(report.smoothed_layers)} smoothed (SmoothQuant, alpha {', '.join(map(str, alphas))}) instead")
     print(
         f"  UNet output relative error vs {'fp16' if tensorrt else 'fp32'} on held-out feeds: {report.relative_error:.4f}"
     )
