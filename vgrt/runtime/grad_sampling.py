@@ -8,6 +8,10 @@ scheduler's own step. So an engine given the optimised inputs samples what the g
 With `checkpoint=True` every UNet call runs under `torch.utils.checkpoint` (non-reentrant): its
 activations are recomputed during the backward pass instead of kept, so what autograd holds grows by
 a few latent-sized tensors per step instead of one UNet's activations per step.
+
+With `precision="bf16"` every UNet call runs under bf16 autocast (vgrt.runtime.gradient_precision; the
+recomputation of a checkpointed call too, as checkpointing keeps the autocast state), and its output is
+cast back to the latents' dtype before guidance and the scheduler's step.
 """
 
 import torch
@@ -15,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpointed
 
 from vgrt.errors import InvalidInputError
+from vgrt.runtime.gradient_precision import gradient_autocast
 from vgrt.runtime.guided_unet import check_guidance_scale
 from vgrt.runtime.nonfinite import FirstNonFiniteStep
 from vgrt.runtime.residency import step_loop
@@ -30,6 +35,7 @@ def sample_with_grad(
     steps: int,
     guidance_scale: float,
     checkpoint: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Final latents [B, C, h, w] from x_T `noise` under the contexts `cond` and `uncond` [B, L, D].
 
@@ -37,7 +43,8 @@ def sample_with_grad(
     `Composer.module("unet")`); `scheduler` a diffusers scheduler with a deterministic step (DDIM with
     eta 0). Gradients flow to `noise` and `cond` when they require them; `uncond` must have the length
     of `cond` (pad it with zero tokens as VCF does). Floats follow `noise`'s dtype. NaN or infinite
-    latents raise NumericalError naming the first bad step, once the loop is over.
+    latents raise NumericalError naming the first bad step, once the loop is over. `precision`: 'fp32', or
+    'bf16' for UNet calls under bf16 autocast (check the device first: `check_gradient_precision`).
     """
     check_guidance_scale(guidance_scale)
     guided = guidance_scale > 1.0
@@ -56,10 +63,11 @@ def sample_with_grad(
         for i, t in enumerate(scheduler.timesteps):
             sample = torch.cat([latents, latents]) if guided else latents
             timestep = timesteps[i].expand(rows)
-            if checkpoint:
-                output = checkpointed(unet, sample, timestep, context, use_reentrant=False)
-            else:
-                output = unet(sample, timestep, context)
+            with gradient_autocast(precision, noise.device):
+                if checkpoint:
+                    output = checkpointed(unet, sample, timestep, context, use_reentrant=False)
+                else:
+                    output = unet(sample, timestep, context)
             output = output.to(noise.device, noise.dtype)
             if guided:
                 uncond_out, cond_out = output.chunk(2)

@@ -4,7 +4,7 @@
 - `segment_similarity` + `match_segments`: CLIP similarity of each object's reference to each segment
   of a generated image, and the one-to-one assignment that maximises it (Hungarian, scipy).
 - `IdentityGuidance`: gradient steps on the objects' value tokens that lower the identity loss,
-  in PyTorch (an engine gives no gradients).
+  in PyTorch (an engine gives no gradients), in fp32 or under bf16 autocast.
 """
 
 from dataclasses import dataclass
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgrt.runtime.gradient_precision import check_gradient_precision, gradient_autocast
 from vgrt.runtime.methods.common import clip_pixels
 
 SEGMENT_THRESHOLD = 0.5  # a pixel joins its winning object's segment from this share of the object's peak
@@ -124,6 +125,8 @@ class IdentityGuidance:
             on the modules' device.
         references: reference embeddings [O, P], in object order; segments [O, h, w] likewise.
         alphas_cumprod: the scheduler's training noise schedule, indexed by timestep.
+        precision: 'fp32', or 'bf16': the three modules under bf16 autocast, their outputs cast back to
+            fp32 (the value tokens and Adam's state stay fp32); refused where the device has no bf16.
     """
 
     def __init__(
@@ -137,22 +140,33 @@ class IdentityGuidance:
         prediction_type: str,
         clip_size: int,
         lr: float,
+        precision: str = "fp32",
     ):
+        check_gradient_precision(precision, references.device)
+        self.precision = precision
         self.modules, self.inputs, self.references, self.segments = modules, inputs, references, segments
         self.bounds = segment_bounds(segments)  # the crop boxes, read once here rather than every step
         self.alphas_cumprod, self.prediction_type, self.clip_size = alphas_cumprod, prediction_type, clip_size
         self.values = values.detach().clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.values], lr=lr)
 
+    def autocast(self):
+        """The context the modules run in (bf16 autocast, or none)."""
+        return gradient_autocast(self.precision, self.values.device)
+
     def loss(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         sample = latents.detach().float()
         t = torch.as_tensor(timestep)  # a host timestep, as the schedulers keep it: read without a sync
         timesteps = torch.full((len(sample),), float(t), device=sample.device)  # a fill, not a copy
-        output = self.modules.unet(sample=sample, timestep=timesteps, extra_tokens=self.values, **self.inputs)
-        x0 = predicted_x0(sample, output, self.alphas_cumprod[t.long()], self.prediction_type)
-        crops = segment_crops(self.modules.vae_decoder(x0), self.segments, self.clip_size, self.bounds)
-        embeds = self.modules.image_encoder(crops)[0]
-        return (1 - F.cosine_similarity(embeds, self.references, dim=-1)).mean()
+        with self.autocast():
+            output = self.modules.unet(sample=sample, timestep=timesteps, extra_tokens=self.values, **self.inputs)
+        x0 = predicted_x0(sample, output.float(), self.alphas_cumprod[t.long()], self.prediction_type)
+        with self.autocast():
+            image = self.modules.vae_decoder(x0)
+        crops = segment_crops(image.float(), self.segments, self.clip_size, self.bounds)
+        with self.autocast():
+            embeds = self.modules.image_encoder(crops)[0]
+        return (1 - F.cosine_similarity(embeds.float(), self.references, dim=-1)).mean()
 
     def step(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """One update of the value tokens at `latents` [1, C, h, w], timestep `timestep`; returns the loss

@@ -11,6 +11,8 @@ Follows VCF's code (thijmennijdam/stable-diffusion-v2, scripts/vcf/pno.py,
   10 iterations; learning rate 1e-2 as in its job scripts (its argparse default is 1e-4).
 - Every UNet call is checkpointed (vgrt.runtime.grad_sampling), as the code's UNet blocks are, so memory
   stays flat in the number of sampling steps.
+- Our addition: `precision='bf16'` runs the UNet, decoder and image encoder under bf16 autocast
+  (vgrt.runtime.gradient_precision); the variables, AdamW's state, the loss and the regularizer stay fp32.
 
 Where this differs:
 - The code scores similarity with a separate OpenAI CLIP ViT-L/14; here it is the preset's own image
@@ -37,6 +39,7 @@ from tqdm.auto import tqdm
 from vgrt.checks import check_seed
 from vgrt.errors import InvalidInputError, NumericalError, VgrtError
 from vgrt.runtime.grad_sampling import sample_with_grad
+from vgrt.runtime.gradient_precision import check_gradient_precision, gradient_autocast
 from vgrt.runtime.methods.common import clip_pixels
 from vgrt.runtime.schedulers import SchedulerSettings, build_scheduler
 
@@ -56,6 +59,8 @@ class PnoSettings:
         max_grad_norm: clip of the joint gradient norm of both variables.
         checkpoint: recompute each UNet call in the backward pass instead of keeping its activations.
         seed: seed of the regularizer's permutations (iteration i uses seed + i).
+        precision: 'fp32', or 'bf16' autocast of the modules' passes (bf16 units only; see
+            vgrt.runtime.gradient_precision).
     """
 
     iterations: int = 10
@@ -67,6 +72,7 @@ class PnoSettings:
     max_grad_norm: float = 1.0
     checkpoint: bool = True
     seed: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("iterations", "block", "shuffles"):
@@ -81,6 +87,7 @@ class PnoSettings:
             raise InvalidInputError(f"PNO noise_weight must be a finite number >= 0, got {self.noise_weight!r}")
         check_seed(self.seed, "PNO seed")
         check_seed(self.seed + self.iterations, "PNO seed + iterations")  # iteration i seeds with seed + i
+        check_gradient_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,8 @@ class PnoObjective:
         reference: the reference image [1, 3, H, W] in [-1, 1].
         uncond: the fixed unconditional context [1, L, D], as long as the conditional one.
         steps, guidance_scale: of the DDIM sampling the loss differentiates through.
-    Floats follow the UNet's parameters (float64 modules give a float64 loss).
+    Floats follow the UNet's parameters (float64 modules give a float64 loss); the modules' outputs are
+    cast back to them under bf16 autocast. bf16 on a device without bf16 arithmetic is refused here.
     """
 
     def __init__(
@@ -164,24 +172,38 @@ class PnoObjective:
         self.scheduler = build_scheduler("ddim", scheduler)
         parameter = next(models.unet.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
+        check_gradient_precision(settings.precision, self.device)
         self.uncond = uncond.to(self.device, self.dtype)
         self.clip_size = models.image_encoder.model.config.image_size
         with torch.no_grad():
             self.reference = self.embed(reference.to(self.device, self.dtype))
 
+    def autocast(self):
+        """The context the modules run in (bf16 autocast, or none)."""
+        return gradient_autocast(self.settings.precision, self.device)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Projected CLIP image embeddings of images [B, 3, H, W] in [-1, 1]."""
-        return self.models.image_encoder(clip_pixels(images, self.clip_size))[0]
+        pixels = clip_pixels(images, self.clip_size)
+        with self.autocast():
+            embeds = self.models.image_encoder(pixels)[0]
+        return embeds.to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            image = self.models.decoder(latents)
+        return image.to(self.dtype)
 
     def sample(self, context: torch.Tensor, noise: torch.Tensor, checkpoint: bool | None = None) -> torch.Tensor:
         """Final latents of the sampling PNO differentiates through."""
         checkpoint = self.settings.checkpoint if checkpoint is None else checkpoint
         return sample_with_grad(
-            self.models.unet, self.scheduler, noise, context, self.uncond, self.steps, self.guidance_scale, checkpoint
-        )
+            self.models.unet, self.scheduler, noise, context, self.uncond, self.steps, self.guidance_scale, checkpoint,
+            self.settings.precision,
+        )  # fmt: skip
 
     def __call__(self, context: torch.Tensor, noise: torch.Tensor, generator: torch.Generator) -> LossTerms:
-        image = self.models.decoder(self.sample(context, noise))
+        image = self.decode(self.sample(context, noise))
         similarity = F.cosine_similarity(self.embed(image), self.reference, dim=-1).mean()
         regularizer = noise_regularizer(noise, self.settings.block, self.settings.shuffles, generator)
         return LossTerms(-similarity + self.settings.noise_weight * regularizer, similarity, regularizer)

@@ -182,6 +182,17 @@ def common_options(steps: int = 50, guidance: float = 7.5) -> tuple[Option, ...]
     )
 
 
+def gradient_precision_option(whose: str) -> Option:
+    """--gradient-precision of a method with gradient steps (`whose`: the steps' owner, for the help)."""
+    return Option(
+        "gradient_precision",
+        f"arithmetic of {whose} gradient steps in PyTorch: fp32, or bf16 autocast (CPUs with bf16 units, GPUs; "
+        "not faster on every CPU: on one without AMX it was slower)",
+        default="fp32",
+        choices=("fp32", "bf16"),  # GRADIENT_PRECISIONS of vgrt.runtime.gradient_precision, which loads torch
+    )
+
+
 # Sizes and images, read from the option values. Messages name the CLI flags, which are also the inputs' names.
 
 
@@ -415,7 +426,10 @@ def _vcf(values: Values, preset: Preset):
     pno = None
     if values["pno_steps"] != 0:
         lr = values["pno_lr"]
-        pno = PnoSettings(iterations=values["pno_steps"], lr_prompt=lr, lr_noise=lr, seed=values["seed"])
+        pno = PnoSettings(
+            iterations=values["pno_steps"], lr_prompt=lr, lr_noise=lr, seed=values["seed"],
+            precision=values["gradient_precision"],
+        )  # fmt: skip
     return VcfRequest(
         values["prompt"], load_image(values["reference"]), width, height, fusion=values["fusion"],
         alpha=values["alpha"], tokens=values["tokens"], steps=values["steps"], guidance_scale=values["guidance"],
@@ -459,6 +473,7 @@ VCF = Method(
         Option("tokens", "CLIP image tokens to fuse", default="all", choices=("all", "patches", "cls")),
         Option("pno_steps", "Prompt-Noise Optimization iterations (0: off)", int, default=0),
         Option("pno_lr", "PNO learning rate of the text embedding and noise", float, default=1e-2),
+        gradient_precision_option("PNO's"),
         *common_options(guidance=9.0),  # the VCF code's default scale
     ),
     build=_vcf,
@@ -482,7 +497,7 @@ def _visual_prompts(values: Values, preset: Preset):
     return VisualPromptsRequest(
         objects, width, height, prompt=values["prompt"], boxes=boxes, steps=values["steps"],
         guidance_scale=values["guidance"], guidance_steps=values["guidance_steps"], guidance_lr=values["guidance_lr"],
-        seed=values["seed"],
+        seed=values["seed"], gradient_precision=values["gradient_precision"],
     )  # fmt: skip
 
 
@@ -511,6 +526,7 @@ VISUAL_PROMPTS = Method(
         Option("prompt", "text for the composition", default=""),
         Option("guidance_steps", "gradient steps on the appearance tokens (0: none)", int, default=5),
         Option("guidance_lr", "learning rate of those steps", float, default=0.01),
+        gradient_precision_option("the guidance's"),
         *common_options(),
     ),
     build=_visual_prompts,

@@ -37,6 +37,7 @@ from vgrt.errors import InvalidInputError
 from vgrt.models.presets import Preset, Range
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
+from vgrt.runtime.gradient_precision import check_gradient_precision
 from vgrt.runtime.methods.common import Composition, clip_pixels, decode, start
 from vgrt.runtime.methods.pno import PnoModels, PnoObjective, PnoResult, PnoSettings, optimize
 from vgrt.runtime.sampling import SamplingSettings, denoise, random_latents
@@ -109,6 +110,13 @@ def check_preset(preset: Preset) -> None:
             "space (SD 2.1's in the released code), while SDXL conditions on two encoders plus a pooled embedding; "
             "use an SD 2.1 or SD 1.x preset"
         )
+
+
+def _check_supported(composer: Composer, request: VcfRequest) -> None:
+    """What the preset and the device must support, before any engine runs."""
+    check_preset(composer.preset)
+    if request.pno is not None:
+        check_gradient_precision(request.pno.precision, composer.device)
 
 
 def select_tokens(tokens: torch.Tensor, which: str) -> torch.Tensor:
@@ -190,7 +198,7 @@ def compose(composer: Composer, request: VcfRequest) -> VcfComposition:
         (request.width, request.height),
         "none",
         COMPONENTS,
-        check=lambda: check_preset(composer.preset),
+        check=lambda: _check_supported(composer, request),
     )
     unet, times = run.unet, run.times
     text_tokens = composer.runner("text_encoder").spec.input("input_ids").shape[1]

@@ -42,6 +42,7 @@ from vgrt.models.adapters import OBJECT_TOKENS
 from vgrt.models.presets import ShapeProfile
 from vgrt.runtime.composer import Composer
 from vgrt.runtime.conditioning import Conditioning
+from vgrt.runtime.gradient_precision import check_gradient_precision
 from vgrt.runtime.images import Box
 from vgrt.runtime.methods.common import Composition, StageTimes, clip_pixels, decode, layer_gates, split_rows, start
 from vgrt.runtime.methods.compositional_guidance import (
@@ -77,6 +78,8 @@ class VisualPromptsRequest:
         guidance_steps: gradient steps on the value tokens, one before each of the guided pass's
             first steps (0: no refinement).
         guidance_lr: Adam's learning rate on the value tokens.
+        gradient_precision: 'fp32', or 'bf16' autocast of those steps' modules (bf16 units only; see
+            vgrt.runtime.gradient_precision).
     """
 
     objects: tuple[torch.Tensor, ...]
@@ -89,6 +92,7 @@ class VisualPromptsRequest:
     guidance_steps: int = 5
     guidance_lr: float = 0.01
     seed: int = 0
+    gradient_precision: str = "fp32"
 
     def validate(self) -> None:
         if not self.objects:
@@ -111,6 +115,7 @@ class VisualPromptsRequest:
             )
         if not (math.isfinite(self.guidance_lr) and self.guidance_lr > 0):
             raise InvalidInputError(f"guidance_lr must be a finite number > 0, got {self.guidance_lr}")
+        check_gradient_precision(self.gradient_precision)
 
 
 def _check_boxes_have_own_area(boxes: tuple[Box, ...]) -> None:
@@ -123,6 +128,13 @@ def _check_boxes_have_own_area(boxes: tuple[Box, ...]) -> None:
                     f"({outer.x0},{outer.y0},{outer.x1},{outer.y1}): each object needs some area of its own; "
                     "give boxes that overlap at most partly"
                 )
+
+
+def _check_supported(composer: Composer, request: VisualPromptsRequest) -> None:
+    """What the preset's engines and the device must support, before any engine runs."""
+    check_object_count(len(request.objects), composer.preset.profile)
+    if request.guidance_steps:
+        check_gradient_precision(request.gradient_precision, composer.device)
 
 
 def max_objects(profile: ShapeProfile) -> int:
@@ -220,7 +232,7 @@ def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsC
     PyTorch), denoise (the guided pass on the engine, less its gradient steps), decode."""
     run = start(
         composer, request, (request.width, request.height), FEATURES, COMPONENTS,
-        check=lambda: check_object_count(len(request.objects), composer.preset.profile),
+        check=lambda: _check_supported(composer, request),
     )  # fmt: skip
     unet, times, latent_hw = run.unet, run.times, run.latent_hw
     modules = None
@@ -271,7 +283,7 @@ def compose(composer: Composer, request: VisualPromptsRequest) -> VisualPromptsC
         guidance = IdentityGuidance(
             modules, {k: v for k, v in cond.items() if k != "extra_tokens"}, cond["extra_tokens"], tokens.embeds,
             segments, scheduler.alphas_cumprod, composer.preset.prediction_type, _clip_size(composer),
-            request.guidance_lr,
+            request.guidance_lr, request.gradient_precision,
         )  # fmt: skip
         hooks = _guidance_hooks(guidance, request.guidance_steps, times, log)
     with times("denoise"):
