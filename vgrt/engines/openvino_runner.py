@@ -53,8 +53,9 @@ class OpenVinoSettings:
 
     Args:
         precision: 'fp32' or 'bf16', the CPU plugin's inference precision. bf16 needs a CPU with bf16
-            units (AVX512_BF16, AMX); on SD 1.5 it ran 1.9x faster than fp32 with a relative error of
-            2.3e-2 against PyTorch (DESIGN.md section 6); models as small as the tiny preset gain nothing.
+            units (AVX512_BF16, AMX), and pays only where they are fast: on SD 1.5 it ran 1.9x faster than
+            fp32 on an AMD EPYC (DESIGN.md section 6) and 1.3x slower on an Intel Xeon without AMX (README,
+            Performance); relative error about 2.3e-2 against PyTorch. The tiny preset gains nothing.
         threads: inference threads (INFERENCE_NUM_THREADS); 0 lets OpenVINO choose (all cores).
         static_shapes: False compiles for any shape the export allows; a mapping of every input name to
             its shape compiles for those shapes only; True compiles for the first call's shapes. Static
