@@ -117,11 +117,11 @@ def test_bf16_is_refused_on_a_cpu_without_it(tiny_export, tmp_path, monkeypatch)
 
 def test_settings_reach_openvino(tiny_export, ov_cache):
     directory = tiny_export(features="none")
-    with open_runner(directory, backend="openvino", threads=1, cache_dir=ov_cache) as runner:
+    with open_runner(directory, backend="openvino", threads=1, static_shapes=False, cache_dir=ov_cache) as runner:
         assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
         assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
         assert runner.device == torch.device("cpu") and runner.backend == "openvino"
-    with open_runner(directory, backend="openvino", threads=2, cache_dir=ov_cache) as runner:
+    with open_runner(directory, backend="openvino", threads=2, static_shapes=False, cache_dir=ov_cache) as runner:
         assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 2
 
 
@@ -159,13 +159,44 @@ def test_static_shapes_give_the_dynamic_results(tiny_export, ov_cache):
     assert relative_error(first_call, dynamic) <= 1e-5 and relative_error(up_front, dynamic) <= 1e-5
 
 
-def test_static_shapes_refuse_other_shapes(tiny_export, ov_cache):
+def test_other_shapes_run_on_a_dynamic_model_besides_the_static_one(tiny_export, ov_cache):
     directory = tiny_export(features="none")
     spec = read_manifest(directory).component("unet").spec
-    with open_runner(directory, backend="openvino", static_shapes=True, cache_dir=ov_cache) as runner:
-        runner.infer(random_feed(spec, spec.profile_sizes("opt"), seed=1))
-        with pytest.raises(InvalidInputError, match="compiled for static shapes .* static_shapes=False"):
-            runner.infer(random_feed(spec, spec.profile_sizes("min"), seed=1))
+    first, other = (random_feed(spec, spec.profile_sizes(which), seed=1) for which in ("opt", "min"))
+    with open_runner(directory, backend="openvino", static_shapes=False, cache_dir=ov_cache) as dynamic:
+        expected = [dynamic.infer(feed)["noise_pred"] for feed in (first, other, first)]
+    with open_runner(directory, backend="openvino", cache_dir=ov_cache) as runner:  # static_shapes=True
+        assert runner.models == ()  # nothing compiled before the first call
+        got = [runner.infer(feed)["noise_pred"] for feed in (first, other, first)]
+        static, dynamic = runner.models
+    assert static.shapes == {name: tuple(value.shape) for name, value in first.items()} and dynamic.shapes is None
+    assert not static.model.inputs[0].get_partial_shape().is_dynamic
+    assert dynamic.model.inputs[0].get_partial_shape().is_dynamic
+    for one, reference in zip(got, expected):
+        assert relative_error(one, reference) <= 1e-5
+
+
+def test_shapes_given_up_front_refuse_other_shapes(tiny_export, ov_cache):
+    directory = tiny_export(features="none")
+    spec = read_manifest(directory).component("unet").spec
+    first, other = (random_feed(spec, spec.profile_sizes(which), seed=1) for which in ("opt", "min"))
+    shapes = {name: tuple(value.shape) for name, value in first.items()}
+    with open_runner(directory, backend="openvino", static_shapes=shapes, cache_dir=ov_cache) as runner:
+        runner.infer(first)
+        with pytest.raises(InvalidInputError, match="compiled for static shapes .* static_shapes=True"):
+            runner.infer(other)
+        assert len(runner.models) == 1
+
+
+def test_concurrent_first_calls_compile_once(tiny_export, ov_cache):
+    directory = tiny_export(features="none")
+    spec = read_manifest(directory).component("unet").spec
+    feed = random_feed(spec, spec.profile_sizes("opt"), seed=2)
+    with open_runner(directory, backend="openvino", cache_dir=ov_cache) as runner:
+        with ThreadPoolExecutor(4) as pool:
+            outputs = list(pool.map(lambda _: runner.infer(feed)["noise_pred"], range(4)))
+        assert len(runner.models) == 1
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
 
 
 def test_a_second_open_reuses_the_prepared_and_compiled_model(tiny_export, tmp_path):
@@ -193,7 +224,7 @@ def test_a_second_open_reuses_the_prepared_and_compiled_model(tiny_export, tmp_p
 def test_the_cache_is_keyed_by_settings_and_content_and_defaults_to_the_export(tiny_export, tmp_path):
     export = shutil.copytree(tiny_export(features="none"), tmp_path / "export")
     folders = set()
-    for settings in ({}, {"threads": 1}, {"static_shapes": True}):
+    for settings in ({}, {"threads": 1}, {"static_shapes": False}):
         with open_runner(export, backend="openvino", **settings) as runner:
             folders.add(runner.folder)
     assert {f.parent for f in folders} == {export / "openvino"} and len(folders) == 3
@@ -238,7 +269,8 @@ def test_concurrent_calls_return_the_serial_results(tiny_export, ov_cache):
 
         with ThreadPoolExecutor(4) as pool:
             parallel = dict(pair for part in pool.map(work, range(4)) for pair in part)
-        assert runner._calls.made > 1  # the calls did overlap, each with its own infer request
+        # the calls did overlap, each with its own infer request (two shapes: the static and the dynamic model)
+        assert sum(model.calls.made for model in runner.models) > 2
     assert [i for i, out in enumerate(serial) if not torch.equal(out, parallel[i])] == []
 
 
@@ -247,7 +279,7 @@ def test_inputs_are_shared_and_outputs_written_in_place(tiny_export, ov_cache):
     feed = example_feed(directory, seed=606)
     with open_runner(directory, backend="openvino", cache_dir=ov_cache, reuse_outputs=True) as runner:
         first = runner.infer(feed)["noise_pred"]
-        with runner._calls.acquire() as call:
+        with runner.models[0].calls.acquire() as call:
             request = call.request
         assert np.shares_memory(request.get_tensor("sample").data, feed["sample"].numpy())
         assert np.shares_memory(request.get_tensor("noise_pred").data, first.numpy())

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from vgrt._lazy import is_available
 from vgrt.cli import main
 from vgrt.client import multipart
 from vgrt.errors import InvalidInputError, WeightsError
@@ -108,6 +109,18 @@ def test_failures_are_500_without_internals_and_the_service_keeps_serving(servic
 def test_settings_are_refused_before_any_export(settings, message):
     with pytest.raises(InvalidInputError, match=message):
         ServeSettings.from_mapping(settings).check()
+
+
+@pytest.mark.skipif(not is_available("openvino"), reason="needs openvino")
+def test_openvino_serves_merged_calls_on_one_dynamic_model():
+    def runner_options(**settings):
+        return ServeSettings(preset="tiny", backend="openvino", threads=1, **settings).composer_options()[
+            "runner_options"
+        ]
+
+    # one request at a time keeps the runner's default (the first call's shapes static); merged calls vary in rows
+    assert runner_options(max_batch=1) == {"precision": "fp32", "threads": 1}
+    assert runner_options(max_batch=4) == {"precision": "fp32", "threads": 1, "static_shapes": False}
 
 
 def test_a_published_folder_is_served_under_its_own_preset(tmp_path):

@@ -8,8 +8,9 @@ The model OpenVINO reads is prepared from the export in a cache folder keyed by 
   exact form that reads no reduction of -inf (`guard_masked_rows`);
 - external weights are hard-linked, not copied, beside the prepared model (a model that needs no change
   is itself a link to the export's file); a cache on another file system gets copies.
-OpenVINO's own compiled-model cache (CACHE_DIR) lives in the same folder, so a second open reads
-neither the ONNX nor the weights again when the shapes are dynamic.
+OpenVINO's own compiled-model cache (CACHE_DIR) lives in the same folder, so a second open compiles
+nothing again: a dynamic model is read from its blob alone, a static one (one blob per shape) after
+the ONNX graph is read to be reshaped.
 
 Each call holds an InferRequest from the runner's pool (vgrt.engines.contexts): OpenVINO runs one
 compiled model from many threads when each has its own request, so concurrent calls give the serial
@@ -57,9 +58,13 @@ class OpenVinoSettings:
             fp32 on an AMD EPYC (DESIGN.md section 6) and 1.3x slower on an Intel Xeon without AMX (README,
             Performance); relative error about 2.3e-2 against PyTorch. The tiny preset gains nothing.
         threads: inference threads (INFERENCE_NUM_THREADS); 0 lets OpenVINO choose (all cores).
-        static_shapes: False compiles for any shape the export allows; a mapping of every input name to
-            its shape compiles for those shapes only; True compiles for the first call's shapes. Static
-            shapes run faster (a method's run has fixed shapes); a call with other shapes is refused.
+        static_shapes: True (the default) compiles the first call's shapes into a static model, and a call
+            with other shapes into one dynamic model made on its first such call; a mapping of every input
+            name to its shape compiles for those shapes only, up front, and refuses other shapes; False
+            compiles one dynamic model for any shape the export allows. A method's run has fixed shapes,
+            and static ones ran the SD 1.5 UNet 5% faster and its VAE decoder 2% (README, Performance); a
+            compiled model holds its own copy of the weights (about 7 GB for SD 1.5's UNet), so a runner
+            holds at most two.
         cache_dir: where prepared and compiled models are kept; None: an `openvino` folder inside the
             export directory. Each export content and settings get a folder of their own in it.
         reuse_outputs: return output buffers the runner keeps and overwrites on a later call (one caller
@@ -68,7 +73,7 @@ class OpenVinoSettings:
 
     precision: str = "fp32"
     threads: int = 0
-    static_shapes: bool | Mapping[str, Sequence[int]] = False
+    static_shapes: bool | Mapping[str, Sequence[int]] = True
     cache_dir: str | Path | None = None
     reuse_outputs: bool = False
 
@@ -85,6 +90,18 @@ class OpenVinoCall:
         if buffer is None or tuple(buffer.shape) != shape:
             buffer = self.outputs[name] = torch.empty(shape, dtype=dtype)
         return buffer
+
+
+@dataclass(frozen=True)
+class CompiledShapes:
+    """A compiled model, the shapes it takes (None: any shape) and the calls made on it."""
+
+    model: Any  # openvino.CompiledModel
+    shapes: dict[str, tuple[int, ...]] | None
+    calls: ContextPool[OpenVinoCall]
+
+    def takes(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        return self.shapes is None or self.shapes == shapes
 
 
 class OpenVinoRunner(Runner):
@@ -113,10 +130,14 @@ class OpenVinoRunner(Runner):
         self.folder: Path | None = None  # the cache folder of this export and these settings, set on activate
         self.model_path: Path | None = None  # the prepared model in that folder, set on activate
         self.ov = self.core = None  # the openvino module and its Core, set on activate
-        self.compiled = None  # openvino.CompiledModel; with static_shapes=True, made by the first call
-        self.static_shapes = _fixed_shapes(settings.static_shapes)
-        self._compile_lock = threading.Lock()  # the first calls of a static_shapes=True runner compile once
-        self._calls = ContextPool(lambda: OpenVinoCall(self.compiled.create_infer_request()))
+        # Compiled models, the static one (if any) first; replaced whole, so a call may read it unlocked.
+        self.models: tuple[CompiledShapes, ...] = ()
+        self._compile_lock = threading.Lock()  # concurrent first calls of a shape compile it once
+
+    @property
+    def compiled(self) -> Any:
+        """The first compiled model (openvino.CompiledModel), None before it is made."""
+        return self.models[0].model if self.models else None
 
     def activate_impl(self) -> None:
         self.ov = require("openvino")
@@ -125,24 +146,41 @@ class OpenVinoRunner(Runner):
         self.folder = cache_folder(self.path, self.files, self.settings, self.ov.__version__)
         self.model_path = prepare_model(self.path, self.files, self.folder)
         if self.settings.static_shapes is not True:  # dynamic, or shapes given: compile now
-            self.compiled = self._compile(self.static_shapes)
+            self.models = (self._compile(_fixed_shapes(self.settings.static_shapes)),)
 
     def deactivate_impl(self) -> None:
-        self._calls.clear()
-        self.compiled = self.core = None
-        if self.settings.static_shapes is True:
-            self.static_shapes = None  # the next activation compiles for its first call again
+        for model in self.models:
+            model.calls.clear()
+        self.models, self.core = (), None
 
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         inputs = {name: value.detach().cpu().contiguous() for name, value in feed.items()}
-        if self.compiled is None:
-            self._compile_for_first_call(inputs)
-        if self.static_shapes is not None:
-            self._check_static_shapes(inputs)
-        with self._calls.acquire() as call:
+        shapes = {name: tuple(value.shape) for name, value in inputs.items()}
+        model = next((m for m in self.models if m.takes(shapes)), None) or self._compile_for(shapes)
+        with model.calls.acquire() as call:
             return self._run(call, inputs, sizes)
 
-    def _compile(self, shapes: dict[str, tuple[int, ...]] | None) -> Any:
+    def _compile_for(self, shapes: dict[str, tuple[int, ...]]) -> CompiledShapes:
+        """The model a call of new shapes runs on: static for the first call, dynamic for later ones."""
+        if self.settings.static_shapes is not True:
+            raise InvalidInputError(
+                f"this OpenVINO runner of {self.spec.name} was compiled for static shapes {self.models[0].shapes}, "
+                f"got {shapes}; feed those shapes, or open a runner with static_shapes=True (the first call's "
+                "shapes static, others dynamic) or False (any shape)"
+            )
+        with self._compile_lock:
+            model = next((m for m in self.models if m.takes(shapes)), None)
+            if model is None:
+                if self.models:
+                    log.info(
+                        "%s called with shapes %s besides its static %s: compiling a dynamic model for them too",
+                        self.spec.name, shapes, self.models[0].shapes,
+                    )  # fmt: skip
+                model = self._compile(None if self.models else shapes)
+                self.models = (*self.models, model)
+        return model
+
+    def _compile(self, shapes: dict[str, tuple[int, ...]] | None) -> CompiledShapes:
         config = {
             "CACHE_DIR": str(self.folder / "compiled"),
             "INFERENCE_PRECISION_HINT": PRECISIONS[self.settings.precision][0],
@@ -150,33 +188,18 @@ class OpenVinoRunner(Runner):
         if self.settings.threads:
             config["INFERENCE_NUM_THREADS"] = self.settings.threads
         if shapes is None:  # from the path: on a cache hit OpenVINO reads only the compiled blob
-            return self.core.compile_model(str(self.model_path), "CPU", config)
-        model = self.core.read_model(str(self.model_path))
-        try:
-            model.reshape({name: list(shape) for name, shape in shapes.items()})
-        except RuntimeError as err:
-            raise InvalidInputError(
-                f"static_shapes {shapes} do not fit {self.spec.name}'s exported inputs ({err}); give each input "
-                f"a shape its spec allows: {[(t.name, t.shape) for t in self.spec.inputs]}"
-            ) from err
-        return self.core.compile_model(model, "CPU", config)
-
-    def _compile_for_first_call(self, inputs: dict[str, torch.Tensor]) -> None:
-        with self._compile_lock:
-            if self.compiled is None:
-                shapes = {name: tuple(value.shape) for name, value in inputs.items()}
-                compiled = self._compile(shapes)
-                self.static_shapes = shapes  # before `compiled`: a call that sees the model checks its shapes
-                self.compiled = compiled
-
-    def _check_static_shapes(self, inputs: dict[str, torch.Tensor]) -> None:
-        wrong = {n: tuple(v.shape) for n, v in inputs.items() if tuple(v.shape) != self.static_shapes[n]}
-        if wrong:
-            raise InvalidInputError(
-                f"this OpenVINO runner of {self.spec.name} was compiled for static shapes {self.static_shapes}, "
-                f"got {wrong}; feed those shapes, or open a runner with static_shapes=False (any shape) or "
-                "one for these shapes"
-            )
+            compiled = self.core.compile_model(str(self.model_path), "CPU", config)
+        else:
+            model = self.core.read_model(str(self.model_path))
+            try:
+                model.reshape({name: list(shape) for name, shape in shapes.items()})
+            except RuntimeError as err:
+                raise InvalidInputError(
+                    f"static_shapes {shapes} do not fit {self.spec.name}'s exported inputs ({err}); give each "
+                    f"input a shape its spec allows: {[(t.name, t.shape) for t in self.spec.inputs]}"
+                ) from err
+            compiled = self.core.compile_model(model, "CPU", config)
+        return CompiledShapes(compiled, shapes, ContextPool(lambda: OpenVinoCall(compiled.create_infer_request())))
 
     def _run(
         self, call: OpenVinoCall, inputs: dict[str, torch.Tensor], sizes: dict[str, int]

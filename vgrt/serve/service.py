@@ -125,6 +125,8 @@ class ServeSettings:
         options = composer_options(self.backend, self.device, self.attention, self.precision)
         if self.threads:
             options["runner_options"].update(thread_settings(self.backend, self.threads))
+        if self.backend == "openvino" and self.max_batch > 1:  # merged calls vary in rows: one dynamic model
+            options["runner_options"]["static_shapes"] = False
         return options
 
     @property
