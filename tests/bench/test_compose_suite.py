@@ -16,6 +16,7 @@ from vgrt.runtime.methods.registry import Work
 from vgrt.runtime.methods.vcf import check_context_fits, fused_length
 
 TIMED = ("mca-ctrl", "locref", "vcf-pno")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 PNO_ITERATIONS = 2
 
 
@@ -27,7 +28,7 @@ def compose_run(composer_cache, tmp_path_factory):
         methods = ",".join(TIMED)
         gradient = ("--gradient-steps", str(PNO_ITERATIONS))
         return run_bench(
-            "compose", "--quick", "--backends", "torch,onnxruntime", "--methods", methods, *gradient, out=out
+            "compose", "--quick", "--backends", ",".join(BACKENDS), "--methods", methods, *gradient, out=out
         )
 
 
@@ -44,16 +45,19 @@ def test_every_method_and_stage_has_samples_and_a_ratio_per_backend(compose_run)
         assert {"encode", "denoise", "decode", "total"} <= set(stages)
         for case in stages.values():
             assert case["params"]["preset"] == "tiny" and case["params"]["steps"] == steps
-            assert [r["backend"] for r in case["results"]] == ["torch", "onnxruntime"]
+            assert [r["backend"] for r in case["results"]] == list(BACKENDS)
             for result in case["results"]:
                 assert len(result["samples_s"]) == repeats and all(s > 0 for s in result["samples_s"])
                 assert result["ratio_to_torch"] > 0
-        assert stages["total"]["results"][1]["max_abs_diff"] < 1e-3  # both backends composed the same latents
+        for result in stages["total"]["results"][1:]:
+            assert result["max_abs_diff"] < 1e-3  # every backend composed the same latents
         image = stages["total"]["params"]["image"]
-        assert 0 < run["details"]["methods"][f"{method} tiny {image}"]["latents_vs_torch"]["onnxruntime"] < 1e-4
+        for backend in BACKENDS[1:]:
+            assert 0 < run["details"]["methods"][f"{method} tiny {image}"]["latents_vs_torch"][backend] < 1e-4
     assert "invert" in cases_of(run, "mca-ctrl") and "pno" in cases_of(run, "vcf-pno")
     assert png.name.startswith("compose-tiny-") and png.stat().st_size > 0
     assert "| stage |" in stdout and "host % of UNet call" in stdout
+    assert run["details"]["settings"]["openvino"] == {"precision": "fp32", "threads": run["settings"]["threads"]}
 
 
 def test_host_overhead_of_the_stages_that_call_the_unet(compose_run):
@@ -80,7 +84,7 @@ def test_gradient_steps_have_their_time_per_step_and_pytorch_share(compose_run):
     assert run["details"]["methods"][f"vcf-pno tiny {image}"]["request"]["pno"]["iterations"] == PNO_ITERATIONS
     shares = run["details"]["gradient"][f"vcf-pno tiny {image}"]
     pno_seconds = {r["backend"]: r["samples_s"] for r in cases_of(run, "vcf-pno")["pno"]["results"]}
-    for backend in ("torch", "onnxruntime"):
+    for backend in BACKENDS:
         pno = shares[backend]["pno"]
         assert pno["steps"] == PNO_ITERATIONS and len(pno["seconds_per_step"]) == repeats
         assert pno["seconds_per_step"] == pytest.approx([s / PNO_ITERATIONS for s in pno_seconds[backend]])

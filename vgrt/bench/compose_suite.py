@@ -45,6 +45,13 @@ from vgrt.runtime.methods.registry import Work
 log = logging.getLogger(__name__)
 
 TOTAL = "total"  # the whole compose() call, stages and the host work between them
+# competitor -> the backend of its composer and that backend's runner settings besides threads
+COMPETITORS = {
+    "torch": ("torch", {}),
+    "onnxruntime": ("onnxruntime", {}),
+    "openvino": ("openvino", {"precision": "fp32"}),
+    "openvino-bf16": ("openvino", {"precision": "bf16"}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +88,7 @@ def run(settings: BenchSettings) -> SuiteOutput:
         sizes = [latent * model.vae_factor for latent in settings.latents or (model.profile.latent.opt,)]
         work = Work(settings.steps, settings.gradient_steps)
         planned = [_plan(method, model, size, work) for size in sizes for method in settings.methods]
-        backend = "onnxruntime" if "onnxruntime" in settings.backends else settings.backends[0]
+        backend = _preparing_backend(settings.backends)
         for method in settings.methods:
             log.info("preparing the engines of %s on %s (%s)", method, preset, backend)
             prepared[f"{method} {preset}"] = prepare_in_child(preset, backend, method)
@@ -99,12 +106,23 @@ def run(settings: BenchSettings) -> SuiteOutput:
         "prepared_in_child_s": prepared,
         "rounds": "per round, each backend in turn (the first rotating) with only its composer open: "
         f"opened, warmed up with the request at {WARMUP_STEPS} steps (untimed), one timed run, closed",
-        "onnxruntime": {"intra_op_threads": settings.threads, "other settings": "the Composer's defaults"},
+        "settings": {
+            competitor: {**COMPETITORS[competitor][1], **thread_settings(COMPETITORS[competitor][0], settings.threads)}
+            for competitor in settings.backends
+        },
+        "other settings": "the Composer's and runners' defaults (OpenVINO: the first call's shapes static)",
         "host_overhead": "per stage with UNet calls: (the stage's own seconds, less stages timed inside it, "
         "- seconds inside the UNet runner's backend calls) / calls; one call per step",
         "gradient": gradients,
     }
     return SuiteOutput("+".join(settings.presets), tuple(cases), details)
+
+
+def _preparing_backend(competitors: tuple[str, ...]) -> str:
+    """The backend whose first-use work the preparing child does: exports for ONNX Runtime and OpenVINO
+    alike (OpenVINO also compiles into its cache), none for PyTorch alone."""
+    backends = {COMPETITORS[c][0] for c in competitors}
+    return next((b for b in ("openvino", "onnxruntime") if b in backends), "torch")
 
 
 def _plan(method: str, model: Any, size: int, work: Work) -> MethodCase:
@@ -129,10 +147,11 @@ def _time_rounds(preset: str, plan: MethodCase, settings: BenchSettings) -> dict
     return runs
 
 
-def _turn(preset: str, backend: str, plan: MethodCase, settings: BenchSettings, runs: BackendRuns) -> None:
-    """Open the backend's composer, warm it up, time one run, close it."""
+def _turn(preset: str, competitor: str, plan: MethodCase, settings: BenchSettings, runs: BackendRuns) -> None:
+    """Open the competitor's composer, warm it up, time one run, close it."""
     calls = UNetCallLog()
-    options = thread_settings(backend, settings.threads)
+    backend, options = COMPETITORS[competitor]
+    options = {**options, **thread_settings(backend, settings.threads)}
     composer = Composer.from_preset(
         preset, backend=backend, progress=False, runner_options=options, runner_hook=calls.hook
     )

@@ -57,7 +57,7 @@ SUITES: dict[str, Suite] = {
         "seconds per gradient step and PyTorch's share",
         "vgrt.bench.compose_suite",
         frozenset({"presets", "latents", "backends", "methods", "steps", "gradient_steps"}),
-        ("torch", "onnxruntime"),
+        ("torch", "onnxruntime", "openvino", "openvino-bf16"),
     ),
     "peer": Suite(
         "peer",
