@@ -23,7 +23,7 @@ def test_unknown_backend_lists_the_suites_backends(capsys, tmp_path):
     err = bench_error(capsys, tmp_path, "unet", "--quick", "--backends", "torch,onnx-runtime")
     assert "unknown backend(s) 'onnx-runtime' for the unet suite" in err
     assert (
-        "it times: torch, torch-bf16, onnxruntime, openvino, openvino-bf16, onnxruntime-int8, openvino-int8, onnxruntime-cuda, tensorrt"
+        "it times: torch, torch-bf16, onnxruntime, openvino, openvino-bf16, openvino-dynamic, onnxruntime-int8, openvino-int8, onnxruntime-cuda, tensorrt"
         in err
     )
     assert "available here: torch" in err

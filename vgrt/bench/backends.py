@@ -15,6 +15,7 @@ _DOCTOR_CHECKS = {
     "onnxruntime": ("onnxruntime",),
     "openvino": ("openvino",),
     "openvino-bf16": ("openvino", "openvino-bf16"),
+    "openvino-dynamic": ("openvino",),  # static_shapes=False: what the default's static shapes are timed against
     "onnxruntime-int8": ("onnxruntime",),  # the INT8 export of `vgrt calibrate` (--quantised)
     "openvino-int8": ("openvino",),
     "vgrt-onnxruntime": ("onnxruntime",),

@@ -32,6 +32,7 @@ SUITES: dict[str, Suite] = {
             "onnxruntime",
             "openvino",
             "openvino-bf16",
+            "openvino-dynamic",
             "onnxruntime-int8",
             "openvino-int8",
             "onnxruntime-cuda",

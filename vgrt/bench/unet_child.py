@@ -83,9 +83,12 @@ def open_unet_runner(directory: str, backend: str, device: str, threads: int):
         return open_runner(
             directory, backend="onnxruntime", intra_op_threads=threads, reuse_outputs=True, provider=provider
         )
-    if backend in ("openvino", "openvino-bf16", "openvino-int8"):  # int8: fp32 around the quantised layers
+    if backend.startswith("openvino"):  # int8: fp32 around the quantised layers; dynamic: static_shapes=False
         precision = "bf16" if backend == "openvino-bf16" else "fp32"
-        return open_runner(directory, backend="openvino", precision=precision, threads=threads, reuse_outputs=True)
+        settings = {"static_shapes": False} if backend == "openvino-dynamic" else {}
+        return open_runner(
+            directory, backend="openvino", precision=precision, threads=threads, reuse_outputs=True, **settings
+        )
     from vgrt.engines.tensorrt.build import build_engine
 
     build_engine(directory)  # or finds it in the export's engine cache
