@@ -1,29 +1,45 @@
-"""A calibration set of the tiny plain UNet, made once per session from seeded random feeds (fast, no
-method run); the capture tests make their own sets from real runs."""
+"""Calibration sets of tiny UNets, made once per session from seeded random feeds (fast, no method run);
+the capture tests make their own sets from real runs."""
 
 import pytest
 
+SIZES = {"batch": 2, "height": 16, "width": 16, "context": 77}
 
-@pytest.fixture(scope="session")
-def synthetic_set(tiny_export, tmp_path_factory):
-    """(fp32 export directory, calibration set directory) with 8 feeds of the tiny plain UNet."""
+
+def write_synthetic_set(export, directory, method: str, features: str, samples: int = 8):
+    """A calibration set at `directory` of `samples` seeded random feeds of `export`'s UNet, recorded as one
+    run of `method` with UNet `features`."""
     from vgrt.calibration.capture import model_identity
     from vgrt.calibration.dataset import CapturedRun, open_for_capture
     from vgrt.export.feeds import random_feed
     from vgrt.export.manifest import read_manifest
     from vgrt.models.source import ModelSource
 
-    export = tiny_export()
     spec = read_manifest(export).component("unet").spec
-    feeds = [random_feed(spec, {"batch": 2, "height": 16, "width": 16, "context": 77}, seed=i) for i in range(8)]
+    feeds = [random_feed(spec, {**spec.profile_sizes("opt"), **SIZES}, seed=i) for i in range(samples)]
     inputs = {
         name: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for name, v in feeds[0].items()
     }
-    directory = tmp_path_factory.mktemp("calibration") / "set"
     with open_for_capture(directory, model_identity(ModelSource("tiny"))) as writer:
-        run = CapturedRun("random-0", "random", 0, 8, (128, 128), "none", inputs, 8, 8, "", 0, "")
+        run = CapturedRun(f"{method}-0", method, 0, samples, (128, 128), features, inputs, samples, samples, "", 0, "")
         writer.add_run(run, feeds)
-    return export, directory
+    return directory
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tiny_export, tmp_path_factory):
+    """(fp32 export directory, calibration set directory) with 8 feeds of the tiny plain UNet."""
+    export = tiny_export()
+    return export, write_synthetic_set(export, tmp_path_factory.mktemp("calibration") / "set", "random", "none")
+
+
+@pytest.fixture(scope="session")
+def masked_set(tiny_export, tmp_path_factory):
+    """(fp32 export directory, calibration set directory) with 8 feeds of the tiny UNet that LocRef runs
+    (extra tokens and region masks: plain and masked attentions side by side)."""
+    features = "extra_tokens,regions"
+    export = tiny_export(features=features)
+    return export, write_synthetic_set(export, tmp_path_factory.mktemp("calibration") / "set", "locref", features)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ def large_shared_export(tmp_path_factory):
         yield cache.cached_export(ExportSettings(preset="tiny"), root)
 
 
-def test_int8_is_calibrated_from_a_shared_large_export(large_shared_export, synthetic_set, tmp_path):
+@pytest.mark.parametrize("int8_attention", [False, True])
+def test_int8_is_calibrated_from_a_shared_large_export(large_shared_export, synthetic_set, tmp_path, int8_attention):
     from vgrt.calibration.int8 import Int8Settings, quantize_export
     from vgrt.engines import open_runner
     from vgrt.export import example_feed
@@ -30,13 +31,15 @@ def test_int8_is_calibrated_from_a_shared_large_export(large_shared_export, synt
     weights = [export / name for name in external_files(export / "unet.onnx")]
     assert weights and all(path.stat().st_nlink > 1 for path in weights)  # linked with the cache's store
     _, calibration = synthetic_set
-    out, report = quantize_export(export, calibration, tmp_path / "int8", Int8Settings(sqnr_threshold_db=30.0))
+    settings = Int8Settings(sqnr_threshold_db=30.0, int8_attention=int8_attention)
+    out, report = quantize_export(export, calibration, tmp_path / "int8", settings)
 
     manifest = read_manifest(out)
     listed = set(manifest.data["components"]["unet"]["files"])
     assert listed == {"unet.onnx", *external_files(out / "unet.onnx")} and len(listed) > 1  # weights in a file
     assert set(os.listdir(out)) >= listed and not list(tmp_path.glob(".vgrt-private-*"))  # the copy is gone
     assert report.layer_sqnr_db and report.relative_error < 0.5
+    assert bool(report.attention_ranges) == int8_attention  # the attention pass reads and writes the large form
     feed = example_feed(export, seed=3)
     with open_runner(export, backend="onnxruntime") as fp32, open_runner(out, backend="onnxruntime") as int8:
         expected, got = fp32.infer(feed)["noise_pred"].numpy(), int8.infer(feed)["noise_pred"].numpy()

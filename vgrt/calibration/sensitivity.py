@@ -74,7 +74,7 @@ def float_values(reference: Path, names: set[str], feeds: list[dict[str, np.ndar
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-    session = _session_of(probe, reference, options)
+    session = probe_session(probe, reference, options)
     values = {name: [w] for name, w in weights.items()}
     for feed in feeds:
         for name, value in zip(activations, session.run(activations, feed)):
@@ -171,7 +171,7 @@ def _fake_quant(value: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: in
     return np.clip(value / s, -limit, limit).astype(kind).astype(np.float64) * s
 
 
-def _session_of(probe, reference: Path, options):
+def probe_session(probe, reference: Path, options):
     """An ONNX Runtime session of `probe`, a graph of `reference` with more outputs. With weights in files
     (a large model: protobuf holds 2 GB) the probe is saved beside `reference`, which must then be a private
     copy (vgrt.export.blobs.private_copy), and removed once the session holds the weights."""

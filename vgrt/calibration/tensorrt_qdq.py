@@ -88,8 +88,9 @@ class TensorRtQdqSettings:
         threshold = self.sqnr_threshold_db
         if threshold == "default":
             threshold = default_sqnr_threshold_db(self.precision)
-        # SmoothQuant is the CPU INT8 path's so far: TensorRT's layers below the threshold go to fp16
-        return Int8Settings(threshold, self.held_out, self.float_layers, smoothquant_alphas=())
+        # SmoothQuant and int8 attention are the CPU INT8 path's so far: TensorRT's layers below the threshold
+        # go to fp16, and its attention stays fp16
+        return Int8Settings(threshold, self.held_out, self.float_layers, smoothquant_alphas=(), int8_attention=False)
 
 
 def quantize_for_tensorrt(

@@ -5,7 +5,8 @@
 
 --target cpu (default) writes the INT8 UNet that onnxruntime and openvino run (`vgrt compose --precision
 int8 --calibrated OUT`); --target tensorrt writes Q/DQ ONNX in TensorRT's form, INT8 or FP8, which
-`vgrt build OUT --precision P` turns into an engine on a GPU.
+`vgrt build OUT --precision P` turns into an engine on a GPU. --int8-attention (cpu) quantises the
+attentions without a mask too, so that OpenVINO runs their two products in int8.
 
 Without compose arguments the method runs on the example inputs of `vgrt examples`. The captured feeds
 go to a calibration set (--set, default OUT-calibration), which a re-run resumes; --capture-only stops
@@ -39,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    from vgrt.calibration import DEFAULT_FP8_SQNR_THRESHOLD_DB, DEFAULT_MAX_SAMPLES, DEFAULT_SQNR_THRESHOLD_DB
+    from vgrt.calibration import (
+        DEFAULT_FP8_SQNR_THRESHOLD_DB,
+        DEFAULT_INT8_ATTENTION,
+        DEFAULT_MAX_SAMPLES,
+        DEFAULT_SQNR_THRESHOLD_DB,
+    )
 
     parser.add_argument("--out", help="the INT8 export directory to write (replaced atomically when it is one)")
     parser.add_argument(
@@ -71,6 +77,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--smoothquant", default="none",
         help="SmoothQuant strengths tried on the layers below --sqnr-threshold before they stay in float, each "
         "layer taking its best, e.g. 0.5,0.6,0.7,0.8 (cpu int8; default: none, they stay in float at once)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--int8-attention", action=argparse.BooleanOptionalAction,
+        help="run the attentions without a mask in int8 (q, k, v and softmax probabilities quantised; masked "
+        f"attention stays float; cpu int8; default: {'on' if DEFAULT_INT8_ATTENTION else 'off'})",
     )  # fmt: skip
     parser.add_argument(
         "--no-report", action="store_true", help="skip the quality report (each run again with fp32, int8 and bf16)"
@@ -109,6 +120,7 @@ def _checked(args: argparse.Namespace):
     """Everything a user can get wrong, refused before any model is built or run."""
     from pathlib import Path
 
+    from vgrt.calibration import DEFAULT_INT8_ATTENTION
     from vgrt.calibration.capture import CallSelection
     from vgrt.checks import check_writable_folder
     from vgrt.errors import InvalidInputError
@@ -119,6 +131,12 @@ def _checked(args: argparse.Namespace):
         raise InvalidInputError(
             "--precision fp8 is TensorRT's (Hopper and Ada GPUs); add --target tensorrt, or calibrate int8 for the CPU"
         )
+    if args.int8_attention is not None and args.target != "cpu":
+        raise InvalidInputError(
+            "--int8-attention is for --target cpu (OpenVINO and ONNX Runtime); TensorRT's attention stays fp16"
+        )
+    if args.int8_attention is None:
+        args.int8_attention = DEFAULT_INT8_ATTENTION
     if args.from_set and args.capture_only:
         raise InvalidInputError(
             "--from-set and --capture-only exclude each other: the one quantises, the other does not"
@@ -221,9 +239,8 @@ def _quantise(args: argparse.Namespace, source, features: str, calibration, out)
         out, report = quantize_for_tensorrt(export, calibration, out, settings)
         runs_on = "Q/DQ for TensorRT, measured on ONNX Runtime's CPU reference"
     else:
-        out, report = quantize_export(
-            export, calibration, out, Int8Settings(sqnr_threshold_db=threshold, smoothquant_alphas=args.smoothquant)
-        )
+        int8 = Int8Settings(threshold, smoothquant_alphas=args.smoothquant, int8_attention=args.int8_attention)
+        out, report = quantize_export(export, calibration, out, int8)
         runs_on = "opens on onnxruntime and openvino"
     worst = min(report.layer_sqnr_db.items(), key=lambda item: item[1])
     print(f"wrote {out}/manifest.json ({args.precision} UNet, features {features}; {runs_on})")
@@ -237,6 +254,8 @@ def _quantise(args: argparse.Namespace, source, features: str, calibration, out)
     if report.smoothed_layers:
         alphas = sorted(set(report.smoothed_layers.values()))
         print(f"  {len(report.smoothed_layers)} smoothed (SmoothQuant, alpha {', '.join(map(str, alphas))}) instead")
+    if report.attention_ranges:
+        print(f"  {len(report.attention_ranges)} attentions without a mask in int8 (masked attention stays float)")
     print(
         f"  UNet output relative error vs {'fp16' if tensorrt else 'fp32'} on held-out feeds: {report.relative_error:.4f}"
     )
