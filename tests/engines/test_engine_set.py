@@ -120,6 +120,15 @@ def test_onnxruntime_on_a_gpu_device_runs_the_cuda_provider_there(exports, monke
     assert EngineSet(ExportCache(ModelSource("tiny"))).runner("vae_encoder").settings == {"backend": "onnxruntime"}
 
 
+def test_openvino_compiles_static_shapes_for_the_unet_only_unless_told(exports, monkeypatch):
+    monkeypatch.setattr(engine_set, "check_settings", lambda backend, settings: None)  # no openvino needed here
+    engines = EngineSet(ExportCache(ModelSource("tiny")), "openvino")
+    assert engines.runner("unet").settings["static_shapes"] is True
+    assert engines.runner("vae_decoder").settings["static_shapes"] is False
+    told = EngineSet(ExportCache(ModelSource("tiny")), "openvino", runner_options={"static_shapes": False})
+    assert told.runner("unet").settings["static_shapes"] is False
+
+
 # --- TensorRT -----------------------------------------------------------------------------------------
 
 

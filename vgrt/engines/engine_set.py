@@ -330,13 +330,17 @@ class EngineSet:
             runner = self._tensorrt_runner(component, features)
         else:
             directory = self.artifacts.export(component, features)
-            runner = open_runner(directory, component, self.backend, **self._backend_settings())
+            runner = open_runner(directory, component, self.backend, **self._backend_settings(component))
         runner.activate()
         return runner if self.runner_hook is None else self.runner_hook(component, runner)
 
-    def _backend_settings(self) -> dict[str, Any]:
+    def _backend_settings(self, component: str) -> dict[str, Any]:
         if self.backend == "onnxruntime" and self.device.type == "cuda":
             return {"provider": "cuda", **self.runner_options, "device_id": self.device.index}
+        if self.backend == "openvino":
+            # Static shapes pay where a model runs every step (SD 1.5's UNet: 5%) and cost a compiled model and
+            # a cache blob per shape; the components that run once or twice per image gained 1-2%.
+            return {"static_shapes": component == "unet", **self.runner_options}
         return self.runner_options
 
     def _torch_runner(self, component: str, features: str) -> Runner:
