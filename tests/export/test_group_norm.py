@@ -6,6 +6,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from vgrt._lazy import is_available
 from vgrt.engines import open_runner
 from vgrt.export import cache, example_feed, group_norm
 from vgrt.export.exporter import ExportSettings
@@ -16,6 +17,12 @@ from vgrt.models.rebuild import module_from_manifest
 
 CHANNELS, GROUPS, EPSILON = 32, 8, 1e-5
 MEAN_TO_SPREAD = (0, 100, 1000)
+BACKENDS = (
+    "onnxruntime",
+    pytest.param(
+        "openvino", marks=pytest.mark.skipif(not is_available("openvino"), reason="openvino is not installed")
+    ),
+)
 
 
 def group_norm_model(dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
@@ -137,8 +144,8 @@ def float64_output(directory, component: str, feed: dict[str, torch.Tensor]) -> 
         return module.double()(**{k: v.double() if v.is_floating_point() else v for k, v in feed.items()})
 
 
-def onnxruntime_output(directory, component: str, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-    with open_runner(directory, component, "onnxruntime") as runner:
+def backend_output(directory, component: str, feed: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
+    with open_runner(directory, component, backend) as runner:
         (output,) = runner.infer(feed).values()
     return output
 
@@ -147,23 +154,28 @@ def norm_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected).norm() / expected.norm()).item()
 
 
-def test_a_flat_image_encodes_like_float64_torch(vae_export):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flat_image_encodes_like_float64_torch(vae_export, backend):
     feed = {"images": torch.full((1, 3, 32, 32), 0.8)}
     # the one-pass kernel measured 1.8e-5 here (PyTorch fp32: 9e-7, the stable form: 1.4e-6)
     assert (
-        norm_error(onnxruntime_output(vae_export, "vae_encoder", feed), float64_output(vae_export, "vae_encoder", feed))
+        norm_error(
+            backend_output(vae_export, "vae_encoder", feed, backend), float64_output(vae_export, "vae_encoder", feed)
+        )
         <= 5e-6
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("component", ["unet", "vae_decoder"])
-def test_flat_latents_run_like_float64_torch(vae_export, tiny_export, component):
+def test_flat_latents_run_like_float64_torch(vae_export, tiny_export, component, backend):
     directory = tiny_export() if component == "unet" else vae_export
     feed = example_feed(directory, component, seed=7)
     latents = "sample" if component == "unet" else "latents"
     feed[latents] = torch.full_like(feed[latents], 0.8)
     assert (
-        norm_error(onnxruntime_output(directory, component, feed), float64_output(directory, component, feed)) <= 1e-5
+        norm_error(backend_output(directory, component, feed, backend), float64_output(directory, component, feed))
+        <= 1e-5
     )
 
 
