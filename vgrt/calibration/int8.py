@@ -35,12 +35,13 @@ so smoothing is an option (`Int8Settings.smoothquant_alphas`), off by default.
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vgrt._lazy import require
 from vgrt.calibration import DEFAULT_INT8_ATTENTION, DEFAULT_SQNR_THRESHOLD_DB
@@ -142,10 +143,12 @@ def quantize_export(
     out: str | Path,
     settings: Int8Settings = Int8Settings(),
     component: str = "unet",
+    progress: bool = False,
 ) -> tuple[Path, QuantisationReport]:
     """Write an INT8 export of `component` of `export_dir` (an fp32 export) to `out`, calibrated on the
     captured feeds that fit its inputs; returns `out` and what was measured. `out` is replaced atomically
-    when it is a vgrt export; anything else there is refused before any work."""
+    when it is a vgrt export; anything else there is refused before any work. `progress`: a bar over the
+    passes."""
     settings.validate()
     require("onnxruntime.quantization")
     manifest = read_manifest(export_dir)
@@ -160,12 +163,20 @@ def quantize_export(
     out = Path(out)
     with claimed_target(out), atomic_directory(out) as staging, private_copy(manifest.path(entry)) as source:
         target = staging / entry.file
-        ranges = measure_ranges(source, calib) if settings.int8_attention else {}
-        report = quantise_with_fallback(
-            lambda model, float_layers: quantise_qdq(model, target, calib, float_layers),
-            source, target, held, settings, calib=calib,
-            finish=(lambda model: quantise_attention(model, ranges)) if ranges else None,
-        )  # fmt: skip
+        attention = settings.int8_attention
+        planned = attention + fallback_passes(bool(settings.smoothquant_alphas), finish=attention)
+        with closing(Passes(planned, progress)) as passes:
+            ranges = {}
+            if attention:
+                with passes.run("attention ranges"):
+                    ranges = measure_ranges(source, calib)
+                if not ranges:
+                    passes.skip(1)  # no attention without a mask: nothing to finish
+            report = quantise_with_fallback(
+                lambda model, float_layers: quantise_qdq(model, target, calib, float_layers),
+                source, target, held, settings, calib=calib,
+                finish=(lambda model: quantise_attention(model, ranges)) if ranges else None, passes=passes,
+            )  # fmt: skip
         report.calibration_samples = len(calib)
         report.attention_ranges = ranges
         scheme = cpu_int8_scheme(settings.int8_attention)
@@ -196,6 +207,37 @@ def split_feeds(
     return calib, held
 
 
+class Passes:
+    """A progress bar over a quantisation's passes (minutes each on SD 1.5), the running one named; `ran`
+    lists the passes run, `total` those planned."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.ran = total, []
+        self.bar = tqdm(total=total, desc="quantise", unit="pass", disable=not enabled)
+
+    @contextmanager
+    def run(self, name: str) -> Iterator[None]:
+        self.bar.set_postfix_str(name)
+        yield
+        self.ran.append(name)
+        self.bar.update()
+
+    def skip(self, count: int) -> None:
+        """`count` planned passes will not run (no layer below the threshold, or none left to smooth)."""
+        self.total -= count
+        self.bar.total = self.total
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def fallback_passes(smoothing: bool, finish: bool) -> int:
+    """The passes `quantise_with_fallback` plans: quantise, SQNR, [smooth, quantise, SQNR], quantise without
+    the low layers, [finish], error."""
+    return 4 + 3 * smoothing + finish
+
+
 def quantise_with_fallback(
     quantise: Callable[[Path, list[str]], None],
     source: Path,
@@ -205,36 +247,51 @@ def quantise_with_fallback(
     exact: bool = False,
     calib: list[dict] | None = None,
     finish: Callable[[Path], Any] | None = None,
+    passes: Passes | None = None,
 ) -> QuantisationReport:
     """`quantise(model, float_layers)` writes `target` from the float `model`: first from `source` with
     `settings.float_layers` in float; the layers whose held-out SQNR is below the threshold are then smoothed
     (see `settings.smoothquant_alphas`; activations of the first `calib` feeds) and quantised again, and those
     still below it are added to the float layers for a last quantisation. `finish(target)` then rewrites the
     final model (e.g. its attention in int8). The error is measured on held-out feeds against `source`
-    (`exact`: unoptimised, see `_session`)."""
+    (`exact`: unoptimised, see `_session`). `passes` shows the progress (see `fallback_passes`)."""
     started = time.perf_counter()
+    smoothing = bool(settings.smoothquant_alphas and calib)
+    passes = passes or Passes(fallback_passes(smoothing, finish is not None), enabled=False)
     kept = list(settings.float_layers)
-    quantise(source, kept)
-    sqnr = layer_sqnr_db(source, target, held)
+    with passes.run("quantise"):
+        quantise(source, kept)
+    with passes.run("per-layer SQNR"):
+        sqnr = layer_sqnr_db(source, target, held)
     with ExitStack() as stack:
         model, smoothed = source, {}
         low = _below(sqnr, settings.sqnr_threshold_db)
-        if low and settings.smoothquant_alphas and calib:
-            smoothing = smoothed_model(source, low, list(calib[:SMOOTHING_FEEDS]), settings.smoothquant_alphas)
-            model, smoothed = stack.enter_context(smoothing)
+        if low and smoothing:
+            with passes.run(f"SmoothQuant ({len(low)} below threshold)"):
+                smoothing_pass = smoothed_model(source, low, list(calib[:SMOOTHING_FEEDS]), settings.smoothquant_alphas)
+                model, smoothed = stack.enter_context(smoothing_pass)
             log.info("%d layers below %.1f dB SQNR smoothed: %s", len(smoothed), settings.sqnr_threshold_db, smoothed)
-            quantise(model, kept)
-            sqnr = layer_sqnr_db(model, target, held, by_output=frozenset(smoothed))
+            with passes.run("quantise smoothed"):
+                quantise(model, kept)
+            with passes.run("per-layer SQNR"):
+                sqnr = layer_sqnr_db(model, target, held, by_output=frozenset(smoothed))
             low = _below(sqnr, settings.sqnr_threshold_db)
+        elif smoothing:
+            passes.skip(3)
         if low:
             log.info(
                 "%d layers below %.1f dB SQNR stay in float: %s", len(low), settings.sqnr_threshold_db, ", ".join(low)
             )
             kept += low
-            quantise(model, kept)
+            with passes.run(f"quantise ({len(low)} in float)"):
+                quantise(model, kept)
+        else:
+            passes.skip(1)
     if finish is not None:
-        finish(target)
-    error = relative_output_error(source, target, held, exact)
+        with passes.run("finish"):
+            finish(target)
+    with passes.run("held-out error"):
+        error = relative_output_error(source, target, held, exact)
     kept = sorted(set(kept))
     smoothed = {name: alpha for name, alpha in sorted(smoothed.items()) if name not in kept}
     return QuantisationReport(sqnr, kept, smoothed, error, 0, len(held), time.perf_counter() - started)

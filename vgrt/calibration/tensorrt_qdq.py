@@ -28,6 +28,7 @@ zeros, and weights stay fp16 behind a Q/DQ pair of their own (TensorRT quantises
 per-tensor weights, as demoDiffusion's FP8 config has them.
 """
 
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,9 @@ from vgrt.calibration.dataset import CalibrationSet, read_set
 from vgrt.calibration.int8 import (
     KEPT_IN_FLOAT,
     Int8Settings,
+    Passes,
     QuantisationReport,
+    fallback_passes,
     feed_reader,
     preprocessing_advice_dropped,
     quantise_with_fallback,
@@ -99,10 +102,12 @@ def quantize_for_tensorrt(
     out: str | Path,
     settings: TensorRtQdqSettings = TensorRtQdqSettings(),
     component: str = "unet",
+    progress: bool = False,
 ) -> tuple[Path, QuantisationReport]:
     """Write a TensorRT INT8 or FP8 export of `component` of `export_dir` (an fp16 export) to `out`, calibrated
     on the captured feeds that fit its inputs; returns `out` and what was measured (on ONNX Runtime, CPU).
-    `out` is replaced atomically when it is a vgrt export; anything else there is refused before any work."""
+    `out` is replaced atomically when it is a vgrt export; anything else there is refused before any work.
+    `progress`: a bar over the passes."""
     settings.validate()
     require("onnxruntime.quantization")
     manifest = read_manifest(export_dir)
@@ -125,7 +130,8 @@ def quantize_for_tensorrt(
                 _rewrite(target, to_fp8)
 
         fallback = settings.fallback()
-        report = quantise_with_fallback(quantise, source, target, held, fallback, exact=True)
+        with closing(Passes(fallback_passes(smoothing=False, finish=False), progress)) as passes:
+            report = quantise_with_fallback(quantise, source, target, held, fallback, exact=True, passes=passes)
         report.calibration_samples = len(calib)
         scheme = _scheme(settings.precision)
         write_quantised_manifest(staging, manifest.data, component, entry.file, calibration, report, fallback, scheme)

@@ -236,11 +236,11 @@ def _quantise(args: argparse.Namespace, source, features: str, calibration, out)
     threshold = threshold if threshold > 0 else None
     if tensorrt:
         settings = TensorRtQdqSettings(precision=args.precision, sqnr_threshold_db=threshold)
-        out, report = quantize_for_tensorrt(export, calibration, out, settings)
+        out, report = quantize_for_tensorrt(export, calibration, out, settings, progress=True)
         runs_on = "Q/DQ for TensorRT, measured on ONNX Runtime's CPU reference"
     else:
         int8 = Int8Settings(threshold, smoothquant_alphas=args.smoothquant, int8_attention=args.int8_attention)
-        out, report = quantize_export(export, calibration, out, int8)
+        out, report = quantize_export(export, calibration, out, int8, progress=True)
         runs_on = "opens on onnxruntime and openvino"
     worst = min(report.layer_sqnr_db.items(), key=lambda item: item[1])
     print(f"wrote {out}/manifest.json ({args.precision} UNet, features {features}; {runs_on})")
