@@ -18,6 +18,7 @@ results. Inputs are shared with OpenVINO (an ov.Tensor over the feed's memory) a
 outputs straight into torch tensors bound as its output tensors: a call copies nothing on the host.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,7 +67,7 @@ class OpenVinoSettings:
             compiled model holds its own copy of the weights (about 7 GB for SD 1.5's UNet), so a runner
             holds at most two.
         cache_dir: where prepared and compiled models are kept; None: an `openvino` folder inside the
-            export directory. Each export content and settings get a folder of their own in it.
+            export directory. Each export content, precision and threads get a folder of their own in it.
         reuse_outputs: return output buffers the runner keeps and overwrites on a later call (one caller
             only; see vgrt.engines.base). Off, each call writes into fresh tensors.
     """
@@ -156,9 +157,12 @@ class OpenVinoRunner(Runner):
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         inputs = {name: value.detach().cpu().contiguous() for name, value in feed.items()}
         shapes = {name: tuple(value.shape) for name, value in inputs.items()}
-        model = next((m for m in self.models if m.takes(shapes)), None) or self._compile_for(shapes)
+        model = self._model_taking(shapes) or self._compile_for(shapes)
         with model.calls.acquire() as call:
             return self._run(call, inputs, sizes)
+
+    def _model_taking(self, shapes: dict[str, tuple[int, ...]]) -> CompiledShapes | None:
+        return next((model for model in self.models if model.takes(shapes)), None)
 
     def _compile_for(self, shapes: dict[str, tuple[int, ...]]) -> CompiledShapes:
         """The model a call of new shapes runs on: static for the first call, dynamic for later ones."""
@@ -169,7 +173,7 @@ class OpenVinoRunner(Runner):
                 "shapes static, others dynamic) or False (any shape)"
             )
         with self._compile_lock:
-            model = next((m for m in self.models if m.takes(shapes)), None)
+            model = self._model_taking(shapes)  # another thread may have compiled it meanwhile
             if model is None:
                 if self.models:
                     log.info(
@@ -259,12 +263,14 @@ def check_precision(core: Any, precision: str) -> None:
 
 
 def cache_folder(path: Path, files: Mapping[str, Mapping[str, Any]], settings: OpenVinoSettings, version: str) -> Path:
-    """The folder of this export content, these settings and this OpenVINO: `<cache>/<component>-<key>`."""
+    """The folder of this export content, these compile settings and this OpenVINO: `<cache>/<component>-<key>`,
+    its modification time renewed: it is the compiled models' last use, by which `vgrt cache prune` frees them.
+    static_shapes is not in the key: OpenVINO names each blob by the model it compiles (its shapes included)
+    and the config, so static and dynamic models share the folder and its prepared model without clashing."""
     identity = {
         "files": {name: record["sha256"] for name, record in sorted(files.items())},
         "precision": settings.precision,
         "threads": settings.threads,
-        "static_shapes": "first call" if settings.static_shapes is True else _fixed_shapes(settings.static_shapes),
         "openvino": version,
         "preparation": PREPARATION_VERSION,
     }
@@ -277,6 +283,8 @@ def cache_folder(path: Path, files: Mapping[str, Mapping[str, Any]], settings: O
         raise ArtifactError(
             f"cannot make the OpenVINO cache folder {str(folder)!r} ({err.strerror}); give a writable cache_dir"
         ) from err
+    with contextlib.suppress(OSError):  # a read-only cache still serves the models it holds
+        os.utime(folder)
     return folder
 
 

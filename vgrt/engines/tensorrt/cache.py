@@ -5,9 +5,12 @@ model and compute capability it was tuned on, its optimisation profile, the plug
 build settings. The key holds all of them; its digest names the files. Each engine is written next to a
 record (the key and the engine's sha256) with temporary files and renames, the record last, so a reader
 sees a complete pair or none. A record that does not match its key, or an engine whose checksum does not
-match its record, is stale or corrupt: it is deleted and never handed to TensorRT.
+match its record, is stale or corrupt: it is deleted and never handed to TensorRT. Each load renews the
+engine's modification time, its last use: `vgrt cache prune` removes engines unused for a time
+(vgrt.export.cache_entries), the record first, so a pair it was removing when killed is never loaded.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,6 +87,7 @@ class EngineCache:
             elif hashlib.sha256(engine).hexdigest() != record.get("engine_sha256"):
                 problem = "corrupt (its checksum does not match its record)"
         if problem is None:
+            renew_last_use(engine_path)
             return engine
         log.warning("discarding cached engine %s: %s", engine_path, problem)
         self.discard(key)
@@ -115,6 +119,13 @@ def write_atomically(path: Path, data) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def renew_last_use(engine_path: Path) -> None:
+    """Set the engine's modification time to now: its last use, by which `vgrt cache prune` frees engines
+    unused for a time. Best effort: a read-only cache still serves its engines."""
+    with contextlib.suppress(OSError):
+        os.utime(engine_path)
 
 
 def load_verified(cache: EngineCache, key: EngineKey) -> bytes:
