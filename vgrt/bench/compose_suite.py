@@ -16,13 +16,19 @@ is the backend's, host glue included) are reported per backend. Host work per st
 (the stage's own seconds - seconds inside its UNet calls) / UNet calls, with one UNet call per step
 (guidance is batched into it); own seconds leave out any stage timed inside it, such as gradient steps
 in the denoising loop. It is reported as a share of one UNet call.
+
+Beside the speed, each competitor's quality against PyTorch eager: its final latents' relative difference
+and its decoded final image's PSNR. The int8 competitors (vgrt.bench.compose_int8) run each method with
+the INT8 UNets calibrated on it (--calibrated); the JSON names the folders that ran and their held-out error.
 """
 
 import dataclasses
 import gc
 import logging
+import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +36,16 @@ import torch
 from vgrt.bench.backends import BASELINE
 from vgrt.bench.compose_child import STEPS as WARMUP_STEPS
 from vgrt.bench.compose_child import prepare_in_child
+from vgrt.bench.compose_int8 import INT8_COMPETITORS, CalibratedUNet, calibrated_per_method, composer_options
 from vgrt.bench.compose_methods import Compose, bench_request, example_images, gradient_steps
 from vgrt.bench.machine import peak_rss_window
 from vgrt.bench.results import Case, Measurement, SuiteOutput, UNetWork
 from vgrt.bench.settings import BenchSettings
 from vgrt.bench.timing import rotated
 from vgrt.bench.unet_calls import StageCalls, UNetCallLog
+from vgrt.calibration.quality import psnr_db
 from vgrt.engines import thread_settings
+from vgrt.engines.base import Runner
 from vgrt.errors import VgrtError
 from vgrt.models.presets import get_preset
 from vgrt.runtime.composer import Composer
@@ -51,7 +60,11 @@ COMPETITORS = {
     "onnxruntime": ("onnxruntime", {}),
     "openvino": ("openvino", {"precision": "fp32"}),
     "openvino-bf16": ("openvino", {"precision": "bf16"}),
+    **{competitor: (backend, {}) for competitor, backend in INT8_COMPETITORS.items()},  # OpenVINO: int8 kernels
 }
+PSNR_SCALE = (
+    "decoded images in [-1, 1], peak-to-peak 2: the figure of [0, 1] images with peak 1; null (JSON) when identical"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,41 +76,53 @@ class RunRecord:
 
 @dataclasses.dataclass
 class BackendRuns:
-    """One backend's timed runs of one method, its final latents and its peak memory over its turns."""
+    """One backend's timed runs of one method, its final latents and image, its peak memory over its turns,
+    and the export folders of the UNets it opened (runners of ONNX Runtime and OpenVINO)."""
 
     records: list[RunRecord] = dataclasses.field(default_factory=list)
     latents: torch.Tensor | None = None
+    image: torch.Tensor | None = None
     peak_rss_bytes: int = 0
+    unet_folders: set[Path] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodCase:
-    """What one method is timed on: its compose function, the request, the shorter warm-up request."""
+    """What one method is timed on: its compose function, the request, the shorter warm-up request, and the
+    INT8 UNets its int8 competitors run."""
 
     method: str
     size: int
     compose: Compose
     request: Any
     warmup: Any
+    calibrated: tuple[CalibratedUNet, ...] = ()
 
 
 def run(settings: BenchSettings) -> SuiteOutput:
     cases, methods, prepared, gradients = [], {}, {}, {}
+    calibrated = calibrated_per_method(settings.methods, settings.presets, settings.backends, settings.calibrated)
     for preset in settings.presets:
         model = get_preset(preset)
         sizes = [latent * model.vae_factor for latent in settings.latents or (model.profile.latent.opt,)]
         work = Work(settings.steps, settings.gradient_steps)
-        planned = [_plan(method, model, size, work) for size in sizes for method in settings.methods]
-        backend = _preparing_backend(settings.backends)
-        for method in settings.methods:
-            log.info("preparing the engines of %s on %s (%s)", method, preset, backend)
-            prepared[f"{method} {preset}"] = prepare_in_child(preset, backend, method)
+        planned = [
+            _plan(method, model, size, work, calibrated.get((method, preset), ()))
+            for size in sizes
+            for method in settings.methods
+        ]
+        prepared.update(_prepare(preset, settings, calibrated))
         for plan in planned:
             runs = _time_rounds(preset, plan, settings)
             params = {"preset": preset, "method": plan.method, "image": f"{plan.size}x{plan.size}"}
             cases += _cases({**params, "steps": settings.steps}, runs)
             key = f"{plan.method} {preset} {plan.size}x{plan.size}"
-            methods[key] = {"request": _describe(plan.request), "latents_vs_torch": _relative_errors(runs)}
+            methods[key] = {
+                "request": _describe(plan.request),
+                "latents_vs_torch": _relative_errors(runs),
+                "image_psnr_db_vs_torch": _image_psnrs(runs),
+                **({"int8": _int8_record(plan, runs)} if plan.calibrated else {}),
+            }
             steps = gradient_steps(plan.request)
             if steps:
                 gradients[key] = _gradient_shares(steps, runs)
@@ -114,24 +139,43 @@ def run(settings: BenchSettings) -> SuiteOutput:
         "host_overhead": "per stage with UNet calls: (the stage's own seconds, less stages timed inside it, "
         "- seconds inside the UNet runner's backend calls) / calls; one call per step",
         "gradient": gradients,
+        "image_psnr": PSNR_SCALE,
     }
-    return SuiteOutput("+".join(settings.presets), tuple(cases), details)
+    return SuiteOutput("+".join(settings.presets), tuple(cases), details, _quality_summary(methods))
 
 
-def _preparing_backend(competitors: tuple[str, ...]) -> str:
+def _prepare(
+    preset: str, settings: BenchSettings, calibrated: dict[tuple[str, str], tuple[CalibratedUNet, ...]]
+) -> dict[str, float]:
+    """Each method's engines made in a child, its seconds per method: once for the float competitors, and
+    once more with the method's INT8 UNets where int8 competitors run them."""
+    prepared = {}
+    floats = _preparing_backend([c for c in settings.backends if c not in INT8_COMPETITORS])
+    int8 = _preparing_backend([c for c in settings.backends if c in INT8_COMPETITORS])
+    for method in settings.methods:
+        log.info("preparing the engines of %s on %s (%s)", method, preset, floats)
+        prepared[f"{method} {preset}"] = prepare_in_child(preset, floats, method)
+        unets = calibrated.get((method, preset), ())
+        if unets:
+            log.info("preparing the engines of %s on %s (%s, int8)", method, preset, int8)
+            prepared[f"{method} {preset} int8"] = prepare_in_child(preset, int8, method, tuple(u.folder for u in unets))
+    return prepared
+
+
+def _preparing_backend(competitors: list[str]) -> str:
     """The backend whose first-use work the preparing child does: exports for ONNX Runtime and OpenVINO
     alike (OpenVINO also compiles into its cache), none for PyTorch alone."""
     backends = {COMPETITORS[c][0] for c in competitors}
     return next((b for b in ("openvino", "onnxruntime") if b in backends), "torch")
 
 
-def _plan(method: str, model: Any, size: int, work: Work) -> MethodCase:
+def _plan(method: str, model: Any, size: int, work: Work, calibrated: tuple[CalibratedUNet, ...]) -> MethodCase:
     """The method's requests at `size`, validated before any engine is exported or opened. The warm-up
     takes fewer sampling steps and one gradient step: the same shapes, so every first call is paid."""
     with example_images(model, size) as examples:
         compose, request = bench_request(method, examples, work)
         _, warmup = bench_request(method, examples, Work(min(work.steps, WARMUP_STEPS), gradient_steps=1))
-    return MethodCase(method, size, compose, request, warmup)
+    return MethodCase(method, size, compose, request, warmup, calibrated)
 
 
 def _time_rounds(preset: str, plan: MethodCase, settings: BenchSettings) -> dict[str, BackendRuns]:
@@ -152,8 +196,15 @@ def _turn(preset: str, competitor: str, plan: MethodCase, settings: BenchSetting
     calls = UNetCallLog()
     backend, options = COMPETITORS[competitor]
     options = {**options, **thread_settings(backend, settings.threads)}
+    int8 = composer_options(backend, [u.folder for u in plan.calibrated]) if competitor in INT8_COMPETITORS else {}
+
+    def hook(component: str, runner: Runner) -> Runner:
+        if component == "unet" and hasattr(runner, "path"):  # the export file an ONNX Runtime or OpenVINO runner reads
+            runs.unet_folders.add(Path(runner.path).parent.resolve())
+        return calls.hook(component, runner)
+
     composer = Composer.from_preset(
-        preset, backend=backend, progress=False, runner_options=options, runner_hook=calls.hook
+        preset, backend=backend, progress=False, runner_options=options, runner_hook=hook, **int8
     )
     with peak_rss_window() as peak, composer:
         for _ in range(settings.timing.warmup):
@@ -168,8 +219,14 @@ def _turn(preset: str, competitor: str, plan: MethodCase, settings: BenchSetting
         finally:
             gc.enable()
     runs.records.append(RunRecord(seconds, dict(result.times.seconds), calls.by_stage(result.times.spans)))
-    runs.latents = result.latents
+    runs.latents, runs.image = result.latents, result.image
     runs.peak_rss_bytes = max(runs.peak_rss_bytes, peak.get("peak_rss_bytes", 0))
+    if int8 and not _calibrated_ran(plan, runs):
+        given = ", ".join(str(u.folder) for u in plan.calibrated)
+        raise VgrtError(
+            f"{competitor} ran {plan.method} without its INT8 UNets ({given}), so its times would be fp32's under an "
+            f"int8 name; the UNets it opened came from {', '.join(map(str, sorted(runs.unet_folders)))}"
+        )
 
 
 def _cases(params: dict[str, Any], runs: dict[str, BackendRuns]) -> list[Case]:
@@ -217,6 +274,55 @@ def _relative_errors(runs: dict[str, BackendRuns]) -> dict[str, float]:
         for backend, r in runs.items()
         if backend != BASELINE
     }
+
+
+def _image_psnrs(runs: dict[str, BackendRuns]) -> dict[str, float | None]:
+    """Each backend's decoded final image against PyTorch eager's: PSNR in dB (PSNR_SCALE); None when the
+    images are identical (JSON has no infinity)."""
+    reference = runs[BASELINE].image
+    psnrs = {backend: psnr_db(r.image, reference) for backend, r in runs.items() if backend != BASELINE}
+    return {backend: None if math.isinf(psnr) else psnr for backend, psnr in psnrs.items()}
+
+
+def _calibrated_ran(plan: MethodCase, runs: BackendRuns) -> list[CalibratedUNet]:
+    """The method's INT8 UNets among the UNet exports the competitor opened."""
+    return [u for u in plan.calibrated if u.folder.resolve() in runs.unet_folders]
+
+
+def _int8_record(plan: MethodCase, runs: dict[str, BackendRuns]) -> dict[str, list[dict[str, Any]]]:
+    """Per int8 competitor: the INT8 UNets that ran, with the calibration's methods and held-out error."""
+    return {
+        competitor: [u.describe() for u in _calibrated_ran(plan, r)]
+        for competitor, r in runs.items()
+        if competitor in INT8_COMPETITORS
+    }
+
+
+def _quality_summary(methods: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per method and competitor, the final latents' relative error and image PSNR against PyTorch
+    eager, and for an int8 competitor its INT8 UNets with their held-out error."""
+    rows = []
+    for key, found in methods.items():
+        for competitor, error in found["latents_vs_torch"].items():
+            unets = found.get("int8", {}).get(competitor, [])
+            int8 = "; ".join(f"{u['folder']} ({_held_out(u)})" for u in unets) or "-"
+            psnr = found["image_psnr_db_vs_torch"][competitor]
+            shown = "identical" if psnr is None else f"{psnr:.1f} dB"
+            rows.append(f"| {key} | {competitor} | {error:.1e} | {shown} | {int8} |")
+    if not rows:  # PyTorch eager alone
+        return ""
+    header = [
+        f"Quality against PyTorch eager (image PSNR: {PSNR_SCALE}):",
+        "",
+        "| method | competitor | latents rel. error | image PSNR | INT8 UNet (held-out rel. error) |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(header + rows)
+
+
+def _held_out(unet: dict[str, Any]) -> str:
+    error = unet["held_out_relative_error"]
+    return "held-out error not recorded" if error is None else f"{error:.1e}"
 
 
 def _gradient_shares(steps: dict[str, int], runs: dict[str, BackendRuns]) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ _FLAGS = {
     "presets": "--preset", "batches": "--batch", "latents": "--latent", "features": "--features",
     "dtypes": "--precision", "backends": "--backends", "export_dir": "--export-dir", "methods": "--methods",
     "quantised_dir": "--quantised", "feeds_dir": "--feeds", "plain_export_dir": "--plain-export-dir",
-    "steps": "--steps", "gradient_steps": "--gradient-steps",
+    "steps": "--steps", "gradient_steps": "--gradient-steps", "calibrated": "--calibrated",
 }  # fmt: skip
 COMPOSE_STEPS, QUICK_COMPOSE_STEPS = 20, 3
 PEER_STEPS, QUICK_PEER_STEPS = 10, 2
@@ -39,7 +39,8 @@ class BenchSettings:
     methods, steps, gradient_steps: the compose suite's methods (names as `vgrt compose` spells them),
     schedule length, and PNO iterations / guidance steps (None: each method's default).
     feeds_dir, plain_export_dir: the unet suite's conditioned-against-plain mode (vgrt.bench.unet_feeds): a
-    calibration set's captured feeds, and the plain export to time them against (None: from the cache)."""
+    calibration set's captured feeds, and the plain export to time them against (None: from the cache).
+    calibrated: the compose suite's INT8 UNets (`vgrt calibrate --out`), run by its *-int8 competitors."""
 
     suite: str
     backends: tuple[str, ...] = ()
@@ -58,6 +59,7 @@ class BenchSettings:
     gradient_steps: int | None = None
     feeds_dir: str | None = None
     plain_export_dir: str | None = None
+    calibrated: tuple[str, ...] = ()
 
 
 def make_settings(
@@ -80,6 +82,7 @@ def make_settings(
     gradient_steps: int | None = None,
     feeds_dir: str | None = None,
     plain_export_dir: str | None = None,
+    calibrated: tuple[str, ...] | None = None,
 ) -> BenchSettings:
     """Checked settings; None means "not given": the suite's default (smaller with `quick`)."""
     spec = get_suite(suite)
@@ -87,7 +90,7 @@ def make_settings(
         "backends": backends, "presets": presets, "batches": batches, "latents": latents,
         "features": features, "dtypes": dtypes, "export_dir": export_dir, "quantised_dir": quantised_dir,
         "methods": methods, "steps": steps, "gradient_steps": gradient_steps, "feeds_dir": feeds_dir,
-        "plain_export_dir": plain_export_dir,
+        "plain_export_dir": plain_export_dir, "calibrated": calibrated,
     }  # fmt: skip
     refused = [_FLAGS[name] for name, value in given.items() if value is not None and name not in spec.options]
     if refused:
@@ -111,7 +114,7 @@ def make_settings(
         presets = _feeds_preset(feeds_dir, plain_export_dir, export_dir, presets, given)
     settings = BenchSettings(
         suite=suite,
-        backends=_without_unasked_int8(select_backends(spec, backends), backends, quantised_dir),
+        backends=_without_unasked_int8(select_backends(spec, backends), backends, quantised_dir or calibrated),
         presets=presets or _default_presets(suite, quick),
         batches=batches or (),
         latents=latents or (),
@@ -124,11 +127,17 @@ def make_settings(
         quantised_dir=quantised_dir,
         feeds_dir=feeds_dir,
         plain_export_dir=plain_export_dir,
+        calibrated=calibrated or (),
         **(_compose_options(methods, steps, gradient_steps, quick) if suite == "compose" else {}),
         **(_peer_options(presets, steps, quick) if suite == "peer" else {}),
     )
     _check_models(settings)
-    _check_quantised(settings)
+    if suite == "compose":
+        from vgrt.bench.compose_int8 import calibrated_per_method
+
+        calibrated_per_method(settings.methods, settings.presets, settings.backends, settings.calibrated)
+    else:
+        _check_quantised(settings)
     return settings
 
 
@@ -175,9 +184,9 @@ def _feeds_preset(
     return (preset,)
 
 
-def _without_unasked_int8(selected: tuple[str, ...], requested, quantised_dir: str | None) -> tuple[str, ...]:
+def _without_unasked_int8(selected: tuple[str, ...], requested, quantised) -> tuple[str, ...]:
     """Every available backend, when none is named, means the INT8 ones only where an INT8 export is given."""
-    if requested is not None or quantised_dir is not None:
+    if requested is not None or quantised:
         return selected
     return tuple(b for b in selected if b not in QUANTISED_BACKENDS)
 

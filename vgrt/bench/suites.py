@@ -55,10 +55,11 @@ SUITES: dict[str, Suite] = {
     "compose": Suite(
         "compose",
         "one composition per method end to end: seconds per stage, host work per UNet step, "
-        "seconds per gradient step and PyTorch's share",
+        "seconds per gradient step and PyTorch's share, final latents' error and image PSNR; with --calibrated, "
+        "each method's INT8 UNet too",
         "vgrt.bench.compose_suite",
-        frozenset({"presets", "latents", "backends", "methods", "steps", "gradient_steps"}),
-        ("torch", "onnxruntime", "openvino", "openvino-bf16"),
+        frozenset({"presets", "latents", "backends", "methods", "steps", "gradient_steps", "calibrated"}),
+        ("torch", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "openvino-int8"),
     ),
     "peer": Suite(
         "peer",

@@ -70,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compose suite: PNO iterations (vcf-pno) and guidance steps (visual-prompts, at most --steps) "
         "(default: each method's own, 10 and 5)",
     )
+    parser.add_argument(
+        "--calibrated", action="append", metavar="DIR",
+        help="compose suite: an INT8 UNet of `vgrt calibrate METHOD ... --out DIR`, run by the competitors "
+        "onnxruntime-int8 and openvino-int8 for the methods it was calibrated on; repeatable, one per method",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_steps=args.gradient_steps,
         feeds_dir=args.feeds,
         plain_export_dir=args.plain_export_dir,
+        calibrated=None if args.calibrated is None else tuple(args.calibrated),
     )
     result = run_bench(settings)
     json_path, png_path = write_run(result, args.out)
