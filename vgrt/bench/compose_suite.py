@@ -83,6 +83,7 @@ class BackendRuns:
     latents: torch.Tensor | None = None
     image: torch.Tensor | None = None
     peak_rss_bytes: int = 0
+    peak_anon_bytes: int = 0  # of which anonymous (not mapped files' pages)
     unet_folders: set[Path] = dataclasses.field(default_factory=set)
 
 
@@ -221,6 +222,7 @@ def _turn(preset: str, competitor: str, plan: MethodCase, settings: BenchSetting
     runs.records.append(RunRecord(seconds, dict(result.times.seconds), calls.by_stage(result.times.spans)))
     runs.latents, runs.image = result.latents, result.image
     runs.peak_rss_bytes = max(runs.peak_rss_bytes, peak.get("peak_rss_bytes", 0))
+    runs.peak_anon_bytes = max(runs.peak_anon_bytes, peak.get("peak_anon_bytes", 0))
     if int8 and not _calibrated_ran(plan, runs):
         given = ", ".join(str(u.folder) for u in plan.calibrated)
         raise VgrtError(
@@ -245,11 +247,13 @@ def _cases(params: dict[str, Any], runs: dict[str, BackendRuns]) -> list[Case]:
 
 
 def _total(backend: str, runs: BackendRuns, reference: torch.Tensor) -> Measurement:
-    """The whole compose() calls, the final latents' largest difference from the baseline's, peak memory."""
+    """The whole compose() calls, the final latents' largest difference from the baseline's, peak memory
+    (resident, and its anonymous part)."""
     diff = None if backend == BASELINE else (runs.latents.float() - reference.float()).abs().max().item()
     peak = (runs.peak_rss_bytes,) if runs.peak_rss_bytes else ()
+    anon = (runs.peak_anon_bytes,) if runs.peak_anon_bytes else ()
     seconds = tuple(record.seconds for record in runs.records)
-    return Measurement(backend, backend, seconds, max_abs_diff=diff, peak_rss_bytes=peak)
+    return Measurement(backend, backend, seconds, max_abs_diff=diff, peak_rss_bytes=peak, peak_anon_bytes=anon)
 
 
 def _stage_measurement(backend: str, records: list[RunRecord], stage: str) -> Measurement:

@@ -33,6 +33,8 @@ class Measurement:
     peak_rss_bytes: peak resident memory: per sample where each sample ran in a process of its own (the
         export, unet and peer suites), or one value for all samples (the compose suite: while the backend's
         composer was open).
+    peak_anon_bytes: the anonymous part of that peak (not pages of mapped files, which the kernel can drop
+        and read again), where measured (the compose suite).
     unet: for a composition stage that calls the UNet, the calls and their seconds; the rest of the
         stage's time is host work.
     relative_error: ||output - baseline output|| / ||baseline output||, which reads the same whatever the
@@ -44,6 +46,7 @@ class Measurement:
     samples_s: tuple[float, ...]
     max_abs_diff: float | None = None
     peak_rss_bytes: tuple[int, ...] = ()
+    peak_anon_bytes: tuple[int, ...] = ()
     unet: UNetWork | None = None
     relative_error: float | None = None
 
@@ -109,6 +112,8 @@ class Case:
                 entry["relative_error"] = m.relative_error
             if m.peak_rss_bytes:
                 entry["peak_rss_bytes"] = list(m.peak_rss_bytes)
+            if m.peak_anon_bytes:
+                entry["peak_anon_bytes"] = list(m.peak_anon_bytes)
             if m.unet is not None:
                 entry["host_overhead"] = m.host_overhead()
             results.append(entry)
