@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from vgrt._lazy import is_available
+
 # Without a GPU, Triton kernels run in its CPU interpreter. The variable must be set before anything
 # imports triton, and test modules collected early (export, runtime) import it indirectly.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 logging.getLogger("vgrt").setLevel(logging.WARNING)
+
+# Tests send traffic to loopback only: openvino, which some tests import directly, is imported first the
+# way vgrt imports it, without its telemetry (vgrt._lazy).
+is_available("openvino")
 
 SKIP_SLOW_REASON = "slow: set VGRT_RUN_SLOW=1"
 

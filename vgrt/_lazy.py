@@ -1,6 +1,9 @@
 """Optional heavy dependencies load on first use, with an error that names the extra to install."""
 
 import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from types import ModuleType
 
@@ -23,6 +26,31 @@ _EXTRA_OF = {
 }
 
 
+# Importing openvino sends a usage event to Google Analytics from a background thread (openvino_telemetry,
+# on unless the user opted out). vgrt sends nothing anywhere, and that thread, importing modules while
+# vgrt's benchmark fork server forked a child, left the child waiting forever on an import lock. OpenVINO
+# falls back to its no-op stub when the telemetry package does not import, so it is hidden while openvino
+# imports (only then: the package imports as usual afterwards).
+_HIDDEN_WHILE_IMPORTING = {"openvino": "openvino_telemetry"}
+
+
+@contextmanager
+def telemetry_hidden(module: str) -> Iterator[None]:
+    """While the block imports `module` for the first time, the telemetry package it would load (see
+    _HIDDEN_WHILE_IMPORTING) does not import."""
+    package = module.split(".")[0]
+    hidden = _HIDDEN_WHILE_IMPORTING.get(package)
+    if hidden is None or package in sys.modules or hidden in sys.modules:
+        yield
+        return
+    sys.modules[hidden] = None  # `import openvino_telemetry` raises ImportError
+    try:
+        yield
+    finally:
+        if hidden in sys.modules and sys.modules[hidden] is None:
+            del sys.modules[hidden]
+
+
 def missing_dependency(err: ModuleNotFoundError) -> MissingDependencyError | None:
     """The error naming the package and the extra to install when `err` is a third-party package missing;
     None when the missing module is vgrt's own (a bug, not an installation problem) or is not named."""
@@ -39,7 +67,8 @@ def require(module: str) -> ModuleType:
     """Import `module` or raise MissingDependencyError naming the package that is missing and the vgrt
     extra that provides it (the missing package may be one `module` itself imports)."""
     try:
-        return importlib.import_module(module)
+        with telemetry_hidden(module):
+            return importlib.import_module(module)
     except ModuleNotFoundError as err:
         error = missing_dependency(err)
         if error is None:
@@ -57,7 +86,8 @@ def require(module: str) -> ModuleType:
 def is_available(module: str) -> bool:
     """True when `module` can be imported; the answer is cached and nothing is imported twice."""
     try:
-        importlib.import_module(module)
+        with telemetry_hidden(module):
+            importlib.import_module(module)
     except ImportError:
         return False
     return True

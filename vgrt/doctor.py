@@ -10,13 +10,16 @@ import platform
 from collections.abc import Callable
 from types import ModuleType
 
+from vgrt._lazy import telemetry_hidden
+
 log = logging.getLogger(__name__)
 
 
 def _import(name: str) -> tuple[ModuleType | None, str]:
     """(module, "") when `name` imports, else (None, why): not installed, or installed but failing to load."""
     try:
-        return importlib.import_module(name), ""
+        with telemetry_hidden(name):
+            return importlib.import_module(name), ""
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] == name:
             return None, "not installed"

@@ -21,9 +21,11 @@ from vgrt.errors import VgrtError
 
 # Imported once by the fork server (a module not installed is left out); whatever else a child needs is
 # imported when it runs. Rebuilding a PyTorch UNet imports diffusers, seconds on every turn otherwise.
+# Not openvino (0.1 s): imported here, it started a telemetry thread in the server, and a child forked while
+# that thread was importing waited forever on the import lock it held (vgrt._lazy imports it without).
 _PRELOAD = [
     "torch", "vgrt.bench.unet_child", "vgrt.models.rebuild", "vgrt.models.encoders", "vgrt.export.components",
-    "vgrt.engines.ort_runner", "vgrt.engines.openvino_runner", "onnxruntime", "openvino",
+    "vgrt.engines.ort_runner", "vgrt.engines.openvino_runner", "onnxruntime",
 ]  # fmt: skip
 
 
