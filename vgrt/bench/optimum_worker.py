@@ -55,6 +55,9 @@ def run(ir_folder: str, request: dict) -> dict:
 
 
 if __name__ == "__main__":
+    # No usage events from a process vgrt starts: openvino, optimum-intel and NNCF fall back to their no-op
+    # telemetry when the package does not import (as vgrt._lazy imports openvino).
+    sys.modules["openvino_telemetry"] = None
     command, *args = sys.argv[1:]
     result = convert(*args) if command == "convert" else run(args[0], json.loads(args[1]))
     print(json.dumps(result))
