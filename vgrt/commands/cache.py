@@ -156,24 +156,29 @@ def _print_dry_run(entries, chosen, artifacts, left_alone, compiled_only: bool) 
         )
 
 
+def _report(done, freed_by, describe) -> tuple[int, int]:
+    """Print each (item, None: removed | why it was kept) of a prune; (bytes freed, items kept)."""
+    from vgrt.export.cache_entries import human_bytes
+
+    freed, kept = 0, 0
+    for item, reason in done:
+        if reason is None:
+            freed += freed_by(item)
+            print(f"removed {item.path} ({describe(item, human_bytes(freed_by(item)))})")
+        else:
+            kept += 1
+            print(f"kept {item.path}: {reason}")
+    return freed, kept
+
+
 def _remove(chosen, artifacts, left_alone) -> None:
     from vgrt.export.cache_entries import NOT_COMPILED, human_bytes, prune, prune_compiled
 
-    freed, kept_entries, kept_artifacts = 0, 0, 0
-    for entry, reason in prune(chosen):
-        if reason is None:
-            freed += entry.bytes
-            print(f"removed {entry.path} ({human_bytes(entry.bytes)})")
-        else:
-            kept_entries += 1
-            print(f"kept {entry.path}: {reason}")
-    for artifact, reason in prune_compiled(artifacts):
-        if reason is None:
-            freed += artifact.freed
-            print(f"removed {artifact.path} ({artifact.kind}, freed {human_bytes(artifact.freed)})")
-        else:
-            kept_artifacts += 1
-            print(f"kept {artifact.path}: {reason}")
+    entries_freed, kept_entries = _report(prune(chosen), lambda e: e.bytes, lambda e, size: size)
+    artifacts_freed, kept_artifacts = _report(
+        prune_compiled(artifacts), lambda a: a.freed, lambda a, size: f"{a.kind}, freed {size}"
+    )
+    freed = entries_freed + artifacts_freed
     for path in left_alone:
         print(f"kept {path}: {NOT_COMPILED}")
     counts = (
