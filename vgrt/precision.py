@@ -12,6 +12,10 @@ What each asks of the export, and the backends that run it:
 - fp8: the same, TensorRT only (Hopper and Ada GPUs).
 """
 
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 from vgrt.errors import InvalidInputError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -56,3 +60,20 @@ def companion_dtype(precision: str, backend: str) -> str:
     if precision not in QUANTISED:
         return export_dtype(precision)
     return "fp16" if backend == "tensorrt" else "fp32"
+
+
+def precision_settings(precision: str, backend: str, calibrated: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The Composer settings that run `precision` on `backend`: the dtype of its exports and, for int8 and
+    fp8, the UNet exports `vgrt calibrate` quantised (`calibrated`), each run in place of the UNet of its
+    features. Refuses a precision the backend does not run, int8 or fp8 without `calibrated`, and
+    `calibrated` with any other precision; the folders themselves are checked by
+    vgrt.engines.engine_set.check_calibrated. OpenVINO's inference precision (bf16) is a runner option,
+    set where the CPU is checked (vgrt.commands.compose.composer_options)."""
+    check_precision(precision, backend)
+    if (precision in QUANTISED) != bool(calibrated):
+        raise InvalidInputError(
+            f"--precision {precision} runs an export calibrated by `vgrt calibrate`: give its --out with --calibrated DIR"
+            if precision in QUANTISED
+            else f"--calibrated runs a quantised UNet, and --precision is {precision}: add --precision int8 (or fp8)"
+        )
+    return {"dtype": companion_dtype(precision, backend), "calibrated": tuple(map(Path, calibrated))}

@@ -10,6 +10,10 @@ libraries, as in a process started from scratch (`baseline_rss_bytes` measures w
 Where CUDA is available the children are spawned instead (a fresh interpreter each, seconds more per
 child): CUDA does not survive a fork once initialised, and nothing here proves that no preloaded module
 ever initialises it.
+
+A child reports that it started before it runs anything, and the parent waits only so long for that
+(START_TIMEOUT_S): a child that hangs on its way in is stopped and named, where the work after the start
+(many minutes for SD 1.5) is never cut short.
 """
 
 import multiprocessing
@@ -18,6 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 from vgrt.errors import VgrtError
+
+# A child starts in under a second from the fork server, in seconds when spawned (a fresh interpreter imports
+# torch), several times that on a loaded machine; one not started after 2 minutes waits for something that
+# never comes: a lock a thread of the server held at the fork (an import lock hung `vgrt bench unet` 20 min).
+START_TIMEOUT_S = 120.0
 
 # Imported once by the fork server (a module not installed is left out); whatever else a child needs is
 # imported when it runs. Rebuilding a PyTorch UNet imports diffusers, seconds on every turn otherwise.
@@ -31,15 +40,20 @@ _PRELOAD = [
 
 def run_in_child(function: Callable[..., Any], *args: Any, what: str) -> Any:
     """`function(*args)` in a fresh process; its return value (picklable) comes back. A VgrtError it raises
-    is raised here as it was; any other failure, or a child that dies without reporting (killed for
-    memory), raises VgrtError naming `what`."""
+    is raised here as it was; any other failure, a child that dies without reporting (killed for memory),
+    or one that has not started `function` within START_TIMEOUT_S (then stopped) raises VgrtError naming `what`."""
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_report, args=(sender, function, args), name=f"vgrt {what}")
     process.start()
     sender.close()  # the child holds the only write end: its exit ends recv() with EOFError
     try:
+        if not receiver.poll(START_TIMEOUT_S):  # the start report, or the end of the pipe of a child that died
+            process.kill()
+            raise VgrtError(_not_started(what, process.pid))
         status, value = receiver.recv()
+        if status == "started":
+            status, value = receiver.recv()  # unbounded: the work itself may take many minutes
     except EOFError:
         status, value = "died", None
     finally:
@@ -58,6 +72,16 @@ def run_in_child(function: Callable[..., Any], *args: Any, what: str) -> Any:
     )
 
 
+def _not_started(what: str, pid: int) -> str:
+    return (
+        f"{what}: its child process (pid {pid}) had not started after {START_TIMEOUT_S:g} s "
+        "(vgrt.bench.child.START_TIMEOUT_S), so it was stopped; a child that hangs on its way in most often waits on "
+        "a lock held when it was forked, which a rerun seldom meets: rerun, and if a child hangs again, see where "
+        "with `py-spy dump --pid N` on it while it waits (a child of the fork server, or of this process where CUDA "
+        "is available)"
+    )
+
+
 def _context() -> multiprocessing.context.BaseContext:
     import torch
 
@@ -69,6 +93,7 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _report(sender: Any, function: Callable[..., Any], args: tuple) -> None:
+    sender.send(("started", None))  # `function` and `args` are unpickled (their modules imported): only work is left
     try:
         message = ("ok", function(*args))
     except VgrtError as err:

@@ -91,11 +91,11 @@ def calibrated_per_method(
 
 def composer_options(backend: str, calibrated: Sequence[str | Path]) -> dict[str, Any]:
     """The Composer settings that run `calibrated` on `backend` beside its backend and runner options, as
-    `vgrt compose --precision int8 --calibrated DIR` makes them (vgrt.commands.compose.composer_options):
+    `vgrt compose --precision int8 --calibrated DIR` makes them (both from vgrt.precision.precision_settings):
     the INT8 UNets in place of the UNets of their features, the other components in fp32 exports."""
-    from vgrt.precision import companion_dtype
+    from vgrt.precision import precision_settings
 
-    return {"dtype": companion_dtype("int8", backend), "calibrated": tuple(map(Path, calibrated))}
+    return precision_settings("int8", backend, calibrated)
 
 
 def _method_of(name: str):

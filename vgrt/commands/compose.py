@@ -129,7 +129,7 @@ def composer_options(
     TensorRT), or bf16 on a CPU without BF16 units: all before any export."""
     from vgrt.engines.engine_set import check_backend_device, check_calibrated, parse_device
     from vgrt.errors import InvalidInputError
-    from vgrt.precision import QUANTISED, check_precision, companion_dtype, default_precision
+    from vgrt.precision import QUANTISED, default_precision, precision_settings
 
     if attention is not None and backend != "tensorrt":
         raise InvalidInputError(
@@ -137,14 +137,8 @@ def composer_options(
             "add --backend tensorrt, or leave --attention out"
         )
     precision = precision or default_precision(backend)
-    check_precision(precision, backend)
-    if (precision in QUANTISED) != bool(calibrated):
-        raise InvalidInputError(
-            f"--precision {precision} runs an export calibrated by `vgrt calibrate`: give its --out with --calibrated DIR"
-            if precision in QUANTISED
-            else f"--calibrated runs a quantised UNet, and --precision is {precision}: add --precision int8 (or fp8)"
-        )
-    check_calibrated(calibrated or (), backend)
+    settings = precision_settings(precision, backend, calibrated or ())
+    check_calibrated(settings["calibrated"], backend)
     device = device or ("cuda" if backend == "tensorrt" else "cpu")
     check_backend_device(backend, parse_device(device))
     runner_options = {}
@@ -155,9 +149,11 @@ def composer_options(
         check_cpu_supports(require("openvino").Core(), precision)
         runner_options["precision"] = precision
     return {
-        "device": device, "attention": attention or ATTENTION_ROUTES[0], "dtype": companion_dtype(precision, backend),
-        "runner_options": runner_options, "calibrated": tuple(calibrated or ()),
-    }  # fmt: skip
+        "device": device,
+        "attention": attention or ATTENTION_ROUTES[0],
+        "runner_options": runner_options,
+        **settings,
+    }
 
 
 def provenance(args: argparse.Namespace, request, composer) -> dict[str, str]:
