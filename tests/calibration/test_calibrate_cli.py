@@ -29,6 +29,7 @@ def no_work(monkeypatch):
         (["--capture-only", "--from-set"], "--from-set and --capture-only exclude each other"),
         (["--smoothquant", "0.5,2"], "--smoothquant '0.5,2' is not comma-separated numbers in [0, 1]"),
         (["--target", "tensorrt", "--int8-attention"], "--int8-attention is for --target cpu"),
+        (["--features", "mutal"], "unknown feature(s) 'mutal'"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, no_work, extra, message):

@@ -1,19 +1,25 @@
 """Capture the UNet feeds of real method runs into a calibration set.
 
 A Composer made with `runner_hook` runs its UNet runners wrapped in `RecordingRunner`, which keeps a copy
-of every feed (the methods reuse their feed buffers from step to step, so a reference would not do). After
-each run the chosen calls (`CallSelection`: every call, every k-th, or given indices; inversion and
-denoising calls are counted together, in the order they ran) are thinned evenly to the run's share of
-`max_samples` and written as one shard (vgrt.calibration.dataset). Runs already in the set are skipped,
-so an interrupted capture resumes where it stopped.
+of every feed (the methods reuse their feed buffers from step to step, so a reference would not do) with
+the feature set of the UNet that ran it, read from the runner's spec (`unet_features`). A run may call
+several UNet layouts (MCA-Ctrl inverts, and AIComposer steps outside its token window, with the plain
+UNet); each is kept, as an entry of its own, so that each can be quantised. After each run the chosen
+calls (`CallSelection`: every call, every k-th, or given indices; inversion and denoising calls are
+counted together, in the order they ran) are split by layout, each thinned evenly to the run's share of
+that layout's `max_samples`, and written as one shard per layout (vgrt.calibration.dataset). Runs already
+in the set are skipped, so an interrupted capture resumes where it stopped.
 
 By default the runs are the methods on the example inputs of `vgrt examples` (`example_runs`); any
 (compose function, request) pair works, e.g. a request built from a user's own images.
 """
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +29,19 @@ import torch
 from tqdm.auto import tqdm
 
 from vgrt.calibration import DEFAULT_MAX_SAMPLES, DEFAULT_SEEDS, DEFAULT_STEPS
-from vgrt.calibration.dataset import CalibrationSet, CapturedRun, SetWriter, open_for_capture, read_set
+from vgrt.calibration.dataset import (
+    CalibrationSet,
+    CapturedRun,
+    SetWriter,
+    layout_key,
+    open_for_capture,
+    read_set,
+)
 from vgrt.checks import check_seed
 from vgrt.engines.base import Runner, RunnerWrapper
-from vgrt.errors import InvalidInputError
+from vgrt.errors import ArtifactError, InvalidInputError
+from vgrt.export.spec import ComponentSpec, unet_spec
+from vgrt.models.features import FEATURES, features_text, parse_features
 from vgrt.models.presets import Preset
 from vgrt.models.source import ModelSource
 
@@ -153,37 +168,92 @@ def _digest_value(digest: Any, value: Any) -> None:
         digest.update(repr(value).encode())
 
 
-class RecordingRunner(RunnerWrapper):
-    """An active runner that keeps a copy of every feed it runs in `calls` (the backend call is unchanged)."""
+def unet_features(spec: ComponentSpec, preset: Preset) -> str:
+    """The feature set of the UNet whose spec is `spec`: the one whose spec (vgrt.export.spec.unet_spec)
+    has exactly its inputs and outputs (every feature adds inputs or outputs of its own)."""
+    names = _tensor_names(spec)
+    for features in _feature_sets():
+        if _tensor_names(unet_spec(preset, features, "float32", num_blocks=1)) == names:
+            return features_text(features)
+    raise ArtifactError(
+        f"a UNet with inputs {sorted(names)} is none that vgrt exports for {preset.name}; "
+        "export it again with this vgrt (`vgrt export --components unet --features ...`)"
+    )
 
-    def __init__(self, runner: Runner, calls: list[dict[str, torch.Tensor]]):
+
+def _tensor_names(spec: ComponentSpec) -> frozenset[str]:
+    return frozenset(t.name for t in (*spec.inputs, *spec.outputs))
+
+
+def _feature_sets() -> list[frozenset[str]]:
+    """Every valid feature set, the plain UNet first."""
+    valid = []
+    for count in range(len(FEATURES) + 1):
+        for names in itertools.combinations(FEATURES, count):
+            try:
+                valid.append(parse_features(list(names)))
+            except InvalidInputError:  # a feature without the one it needs
+                pass
+    return valid
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    features: str  # of the UNet that ran it
+    feed: dict[str, torch.Tensor]
+
+
+class RecordingRunner(RunnerWrapper):
+    """An active runner that keeps a copy of every feed it runs in `calls`, with its UNet's feature set
+    (the backend call is unchanged)."""
+
+    def __init__(self, runner: Runner, features: str, calls: list[RecordedCall]):
         super().__init__(runner)
-        self.calls = calls
+        self.features, self.calls = features, calls
 
     def infer_impl(self, feed: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-        self.calls.append({name: value.detach().to("cpu", copy=True) for name, value in feed.items()})
+        copy = {name: value.detach().to("cpu", copy=True) for name, value in feed.items()}
+        self.calls.append(RecordedCall(self.features, copy))
         return self.runner.infer_impl(feed, sizes)
 
 
-class FeedRecorder:
-    """The UNet feeds of the composer it hooks into, oldest first."""
+@dataclass(frozen=True)
+class LayoutCalls:
+    """One UNet layout's share of a run: the calls it made and those kept."""
 
-    def __init__(self) -> None:
-        self.calls: list[dict[str, torch.Tensor]] = []
+    features: str
+    made: int
+    samples: list[dict[str, torch.Tensor]]
+
+
+class FeedRecorder:
+    """The UNet feeds of the composer it hooks into, oldest first, each with its UNet's feature set."""
+
+    def __init__(self, preset: Preset) -> None:
+        self.preset = preset
+        self.calls: list[RecordedCall] = []
 
     def hook(self, component: str, runner: Runner) -> Runner:
         """For `Composer(runner_hook=...)`: wrap UNet runners, leave the encoders' as they are."""
-        return RecordingRunner(runner, self.calls) if component == "unet" else runner
+        if component != "unet":
+            return runner
+        return RecordingRunner(runner, unet_features(runner.spec, self.preset), self.calls)
 
-    def take(self, selection: CallSelection, quota: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
-        """(calls made, the selected calls thinned evenly to `quota`), and forget them. Calls of a second
-        UNet feature set in the same run are left out: one run, one layout, the method's own, which has the
-        most inputs (an inversion's plain UNet takes fewer, and as many calls: counting would pick either)."""
+    def take(self, selection: CallSelection, quotas: Callable[[str], int]) -> tuple[int, list[LayoutCalls]]:
+        """(calls made, per UNet layout in the order first called: its selected calls thinned evenly to
+        `quotas(features)`), and forget them. Calls are selected by their index among all the run's calls."""
         calls = list(self.calls)
         self.calls.clear()  # in place: the wrapped runners append to this very list
-        layout = max((tuple(feed) for feed in calls), key=len, default=())
-        chosen = [feed for index, feed in enumerate(calls) if selection.selects(index) and tuple(feed) == layout]
-        return len(calls), [chosen[i] for i in evenly_spaced(len(chosen), quota)]
+        made = Counter(call.features for call in calls)
+        chosen: dict[str, list[dict[str, torch.Tensor]]] = {features: [] for features in made}
+        for index, call in enumerate(calls):
+            if selection.selects(index):
+                chosen[call.features].append(call.feed)
+        layouts = []
+        for features, feeds in chosen.items():
+            kept = [feeds[i] for i in evenly_spaced(len(feeds), quotas(features))]
+            layouts.append(LayoutCalls(features, made[features], kept))
+        return len(calls), layouts
 
 
 def evenly_spaced(count: int, quota: int) -> list[int]:
@@ -213,55 +283,87 @@ def capture(
 ) -> CalibrationSet:
     """Run each planned run not yet in the set at `directory` and add its chosen UNet feeds; returns the set.
 
-    The set holds at most `max_samples` samples; the runs still to capture share what is left equally.
+    The set holds at most `max_samples` samples of each UNet layout (feature set), so a method's own layout
+    gets as many as when runs kept only it; the runs still to capture share what is left of each equally.
+    A run is composed while its method's own layout has samples left.
     """
     from vgrt.runtime.composer import Composer
 
     if max_samples < 1:
         raise InvalidInputError(f"--max-samples must be >= 1, got {max_samples}")
     with open_for_capture(directory, model_identity(source)) as writer:
-        pending = [run for run in runs if run.key not in writer.runs]
-        left = max_samples - sum(run.samples for run in writer.runs.values())
+        captured = {run.run_key for run in writer.runs.values()}
+        pending = [run for run in runs if run.key not in captured]
+        held = Counter()  # samples per layout
+        for entry in writer.runs.values():
+            held[_layout(entry.features)] += entry.samples
         if len(runs) > len(pending):
             log.info("%d of %d runs are already in %s: skipping them", len(runs) - len(pending), len(runs), directory)
-        if pending and left <= 0:
+        if pending and all(held[_layout(run.features)] >= max_samples for run in pending):
             log.warning(
-                "the set %s already holds %d samples (--max-samples): capturing no more", directory, max_samples
-            )
+                "the set %s already holds --max-samples (%d) samples of the own UNet of every run left: capturing "
+                "no more", directory, max_samples,
+            )  # fmt: skip
             pending = []
         if pending:
-            recorder = FeedRecorder()
+            recorder = FeedRecorder(source.model_preset())
             # the methods' own step bars show too: one run of SD 1.5 takes minutes
             with Composer(source, backend, cache=cache, progress=progress, runner_hook=recorder.hook) as composer:
                 bar = tqdm(pending, desc="capture", unit="run", disable=not progress)
                 for index, run in enumerate(bar):
-                    quota = max(1, left // (len(pending) - index)) if left > 0 else 0
-                    if quota == 0:
+                    quota = functools.partial(_share, max_samples, held, len(pending) - index)
+                    if quota(_layout(run.features)) == 0:
                         log.warning(
-                            "--max-samples %d is used up: %d runs left uncaptured", max_samples, len(pending) - index
-                        )
+                            "--max-samples %d of %s's UNet (features %s) is used up in %s: %d runs left uncaptured",
+                            max_samples, run.method, run.features, directory, len(pending) - index,
+                        )  # fmt: skip
                         break
                     bar.set_postfix_str(f"{run.method} seed {run.seed}")
-                    left -= _capture_run(composer, recorder, run, calls, quota, writer).samples
+                    for entry in _capture_run(composer, recorder, run, calls, quota, writer):
+                        held[entry.features] += entry.samples
     return read_set(directory)
 
 
+def _share(max_samples: int, held: Counter, runs: int, features: str) -> int:
+    """A run's quota of a layout: an equal share of what is left of it among the `runs` still to capture."""
+    left = max_samples - held[features]
+    return max(1, left // runs) if left > 0 else 0
+
+
+def _layout(features: str) -> str:
+    return features_text(parse_features(features))
+
+
 def _capture_run(
-    composer: Any, recorder: FeedRecorder, run: PlannedRun, calls: CallSelection, quota: int, writer: SetWriter
-) -> CapturedRun:
-    """Compose `run` once and add its chosen UNet feeds to the set."""
+    composer: Any,
+    recorder: FeedRecorder,
+    run: PlannedRun,
+    calls: CallSelection,
+    quotas: Callable[[str], int],
+    writer: SetWriter,
+) -> list[CapturedRun]:
+    """Compose `run` once and add its chosen UNet feeds to the set, one entry per UNet layout it called."""
     recorder.calls.clear()
     run.compose(composer, run.request)
-    made, samples = recorder.take(calls, quota)
-    if not samples:
+    made, layouts = recorder.take(calls, quotas)
+    kept = [layout for layout in layouts if layout.samples]
+    if not kept:
         raise InvalidInputError(
             f"--calls {calls.text()} selects none of the {made} UNet calls of {run.method}; choose calls below {made}"
         )
+    entries = [(_entry(run, layout), layout.samples) for layout in kept]
+    for entry, _ in entries:
+        log.debug("%s: %d of %d UNet calls captured", entry.key, entry.samples, entry.calls)
+    return writer.add_entries(entries)
+
+
+def _entry(run: PlannedRun, layout: LayoutCalls) -> CapturedRun:
     inputs = {
-        name: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for name, v in samples[0].items()
+        name: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+        for name, v in layout.samples[0].items()
     }
-    captured = CapturedRun(
-        run.key, run.method, run.seed, run.request.steps, run.size, run.features, inputs, made, len(samples), "", 0, ""
-    )
-    log.debug("%s: %d of %d UNet calls captured", run.key, len(samples), made)
-    return writer.add_run(captured, samples)
+    key = layout_key(run.key, layout.features)
+    return CapturedRun(
+        key, run.method, run.seed, run.request.steps, run.size, layout.features, inputs, layout.made,
+        len(layout.samples), "", 0, "", run=run.key,
+    )  # fmt: skip

@@ -1,14 +1,21 @@
-"""A calibration set on disk: the UNet feeds of captured method runs, one safetensors shard per run.
+"""A calibration set on disk: the UNet feeds of captured method runs, one safetensors shard per run and
+UNet layout (a method run may call UNets of several feature sets: MCA-Ctrl inverts with the plain UNet).
 
     calib/
-      calibration.json        what was captured: the model, and per run its method, seed, steps, size,
-                              feature set, input names and shapes, sample count, shard size and sha256
-      run-<key>.safetensors   the run's samples: tensor "<index>/<input name>" for each captured UNet call
+      calibration.json        what was captured: the model, and per entry (one run's calls of one UNet
+                              feature set) its run, method, seed, steps, size, feature set, input names and
+                              shapes, call and sample counts, shard size and sha256
+      run-<key>.safetensors   the entry's samples: tensor "<index>/<input name>" for each captured UNet call
 
-A run is trusted exactly when the manifest lists it: its shard is written under a temporary name and
-renamed into place, then the manifest is rewritten the same way. A capture killed midway therefore leaves
-at most an unlisted shard or a temporary file, which the next writer removes (it holds the set's lock,
-`vgrt.export.staging.target_lock`), and a re-run captures only the runs the manifest does not list yet.
+Format 1 (sets captured before runs kept every layout) has one entry per run, the method's own layout,
+keyed by the run; it reads as entries whose run is their own key. Format 2 keys an entry
+`<run key>.<features>` and names its run.
+
+An entry is trusted exactly when the manifest lists it: its shard is written under a temporary name and
+renamed into place, then the manifest is rewritten the same way, once for all of a run's entries. A capture
+killed midway therefore leaves at most unlisted shards or a temporary file, which the next writer removes
+(it holds the set's lock, `vgrt.export.staging.target_lock`), and a re-run captures only the runs the
+manifest does not list yet.
 """
 
 import json
@@ -31,26 +38,37 @@ from vgrt.export.verify import file_sha256
 log = logging.getLogger(__name__)
 
 SET_MANIFEST = "calibration.json"
-SET_FORMAT = 1
-_SHARD = re.compile(r"run-[0-9a-z.-]+\.safetensors")
+SET_FORMAT = 2
+READ_FORMATS = (1, 2)  # 1: one entry per run (its method's own layout); both read with the same meaning
+_SHARD = re.compile(r"run-[0-9a-z._+-]+\.safetensors")
 
 
 @dataclass(frozen=True)
 class CapturedRun:
-    """One method run's captured UNet calls."""
+    """One method run's captured calls of one UNet layout (feature set): an entry of the set."""
 
-    key: str  # method and a digest of the request: the same request captures to the same key
+    key: str  # the entry's: its run's key, and for format 2 its feature set (`layout_key`)
     method: str
     seed: int | None  # the sampling seed; None for methods that start from an inversion
     steps: int
     size: tuple[int, int]  # width, height in pixels
-    features: str  # the UNet feature set the method ran (vgrt.models.features)
+    features: str  # the UNet feature set that ran these calls (vgrt.models.features): "none" for the plain UNet
     inputs: dict[str, dict[str, Any]]  # input name -> {"dtype", "shape"} of the first sample
-    calls: int  # UNet calls the run made
+    calls: int  # calls of this UNet the run made (format 1: of all its UNets)
     samples: int  # of them captured
     shard: str
     bytes: int
     sha256: str
+    run: str | None = None  # the method run's key (method and a digest of the request); None: `key` (format 1)
+
+    @property
+    def run_key(self) -> str:
+        return self.run or self.key
+
+
+def layout_key(run_key: str, features: str) -> str:
+    """The key of a run's entry for the UNet of `features` (a name for its shard: no commas)."""
+    return f"{run_key}.{features.replace(',', '+')}"
 
 
 @dataclass(frozen=True)
@@ -80,16 +98,21 @@ class CalibrationSet:
             for index in range(run.samples):
                 yield {name: tensors[f"{index}/{name}"] for name in run.inputs}
 
+    def layouts(self, method: str) -> list[str]:
+        """The UNet feature sets of `method`'s calls in the set, in the manifest's order."""
+        return list(dict.fromkeys(run.features for run in self.runs.values() if run.method == method))
+
     def describe(self) -> dict[str, Any]:
         """A short record for an export's manifest: where the set is and what it holds."""
         return {
             "directory": str(self.directory.resolve()),
             "samples": len(self),
             "runs": [
-                {"method": r.method, "seed": r.seed, "steps": r.steps, "size": list(r.size), "samples": r.samples}
+                {"method": r.method, "seed": r.seed, "steps": r.steps, "size": list(r.size), "features": r.features,
+                 "samples": r.samples}
                 for r in self.runs.values()
             ],
-        }
+        }  # fmt: skip
 
 
 def read_set(directory: str | Path) -> CalibrationSet:
@@ -110,10 +133,10 @@ def read_set(directory: str | Path) -> CalibrationSet:
             f"{str(path)!r} is not a readable calibration manifest ({type(err).__name__}: {err}); remove the "
             "folder and capture again"
         ) from err
-    if data.get("format_version") != SET_FORMAT:
+    if data.get("format_version") not in READ_FORMATS:
         raise ArtifactError(
-            f"{str(path)!r} has format_version {data.get('format_version')!r}, this vgrt reads {SET_FORMAT}; "
-            "capture the set again"
+            f"{str(path)!r} has format_version {data.get('format_version')!r}, this vgrt reads "
+            f"{' and '.join(map(str, READ_FORMATS))}; capture the set again"
         )
     return CalibrationSet(directory, model, runs)
 
@@ -125,7 +148,17 @@ class SetWriter:
         self.directory, self.model, self.runs = directory, model, dict(runs)
 
     def add_run(self, run: CapturedRun, samples: list[dict[str, torch.Tensor]]) -> CapturedRun:
-        """Write the run's shard, then list it in the manifest; returns the run with its shard's stamp."""
+        """Write the entry's shard, then list it in the manifest; returns the entry with its shard's stamp."""
+        return self.add_entries([(run, samples)])[0]
+
+    def add_entries(self, entries: list[tuple[CapturedRun, list[dict[str, torch.Tensor]]]]) -> list[CapturedRun]:
+        """Write each entry's shard, then list them all in the manifest at once (a run's layouts: all or none)."""
+        written = [self._write_shard(run, samples) for run, samples in entries]
+        self.runs.update((run.key, run) for run in written)
+        _write_manifest(self.directory, self.model, self.runs)
+        return written
+
+    def _write_shard(self, run: CapturedRun, samples: list[dict[str, torch.Tensor]]) -> CapturedRun:
         from safetensors.torch import save_file
 
         shard = self.directory / f"run-{run.key}.safetensors"
@@ -137,12 +170,7 @@ class SetWriter:
         finally:
             temporary.unlink(missing_ok=True)
         stat = shard.stat()
-        written = CapturedRun(
-            **{**asdict(run), "shard": shard.name, "bytes": stat.st_size, "sha256": file_sha256(shard)}
-        )
-        self.runs[run.key] = written
-        _write_manifest(self.directory, self.model, self.runs)
-        return written
+        return CapturedRun(**{**asdict(run), "shard": shard.name, "bytes": stat.st_size, "sha256": file_sha256(shard)})
 
 
 @contextmanager

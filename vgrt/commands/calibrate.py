@@ -11,6 +11,11 @@ attentions without a mask too, so that OpenVINO runs their two products in int8.
 Without compose arguments the method runs on the example inputs of `vgrt examples`. The captured feeds
 go to a calibration set (--set, default OUT-calibration), which a re-run resumes; --capture-only stops
 after capturing (run it for several methods into one set), --from-set quantises an existing set.
+
+A run may call UNets of several feature sets (MCA-Ctrl inverts, and AIComposer steps outside its token
+window, with the plain UNet): the set keeps each one's calls, --max-samples of each. One run of the
+command quantises one of them, --features (default: the method's own); it then prints the commands that
+quantise the others, and `vgrt compose --calibrated` takes one export per feature set.
 """
 
 import argparse
@@ -61,12 +66,20 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--seeds", default="0,1", help="sampling seeds, one run each; they replace --seed (default: 0,1)"
     )
     parser.add_argument("--example-size", type=int, help="side of the example images (default: the preset's native)")
-    parser.add_argument("--calls", default="all", help="UNet calls of each run to keep: all, every:K or 0,5,9")
+    parser.add_argument(
+        "--calls", default="all",
+        help="UNet calls of each run to keep, counted over all its calls in the order they ran: all, every:K or 0,5,9",
+    )  # fmt: skip
     parser.add_argument(
         "--max-samples",
         type=int,
         default=DEFAULT_MAX_SAMPLES,
-        help=f"samples in the set (default: {DEFAULT_MAX_SAMPLES})",
+        help=f"samples in the set of each UNet feature set the runs call (default: {DEFAULT_MAX_SAMPLES})",
+    )
+    parser.add_argument(
+        "--features",
+        help="the UNet to quantise, by its feature set as `vgrt export --features` names it, e.g. none for the "
+        "plain UNet of MCA-Ctrl's inversions (default: the method's own)",
     )
     parser.add_argument(
         "--sqnr-threshold", type=float,
@@ -107,12 +120,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"captured {len(calibration)} samples in {calibration_set}")
         if args.capture_only:
             return 0
-    features = _features_to_quantise(args.method, calibration)
-    _quantise(args, source, features, calibration, Path(out))
+    _check_holds(calibration, args.method, args.features)
+    _quantise(args, source, args.features, calibration, Path(out))
     if runs and not args.no_report and args.target == "cpu":
         _report(runs, source, Path(out), args.cache)
     elif args.target == "tensorrt":
         print(f"build its engine on a GPU: vgrt build {out} --precision {args.precision}")
+    _print_other_layouts(args, calibration_set, calibration)
     return 0
 
 
@@ -125,7 +139,9 @@ def _checked(args: argparse.Namespace):
     from vgrt.checks import check_writable_folder
     from vgrt.errors import InvalidInputError
     from vgrt.export.staging import check_replaceable
+    from vgrt.models.features import features_text, parse_features
     from vgrt.models.source import ModelSource
+    from vgrt.runtime.methods.registry import METHODS
 
     if args.precision == "fp8" and args.target != "tensorrt":
         raise InvalidInputError(
@@ -148,6 +164,7 @@ def _checked(args: argparse.Namespace):
     if args.set is None and args.out is None:
         raise InvalidInputError("--capture-only needs --set DIR, the calibration set to capture into")
     args.smoothquant = _alphas(args.smoothquant)
+    args.features = features_text(parse_features(args.features or METHODS[args.method].features))
     if args.max_samples < 1:
         raise InvalidInputError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.steps is not None and args.steps < 1:
@@ -205,16 +222,58 @@ def _planned_runs(args: argparse.Namespace, model):
     return plan_runs(method.name, method, request, seeds)
 
 
-def _features_to_quantise(method: str, calibration) -> str:
-    """The UNet feature set of the method's runs in the set (the set may hold other methods' runs too)."""
+def _check_holds(calibration, method: str, features: str) -> None:
+    """Refuse a set without calls of `method`'s UNet with `features`, naming what it holds and the fix."""
     from vgrt.errors import InvalidInputError
 
-    features = {run.features for run in calibration.runs.values() if run.method == method}
-    if not features:
-        raise InvalidInputError(
-            f"the calibration set {str(calibration.directory)!r} has no runs of {method}; capture them first"
+    layouts = calibration.layouts(method)
+    if features in layouts:
+        return
+    held = sorted({f"{r.method} (features {r.features})" for r in calibration.runs.values()}) or ["nothing"]
+    capture = f"vgrt calibrate {method} --capture-only --set NEW_SET"
+    if not layouts:
+        fix = f"capture {method}'s runs first: `{capture}`"
+    elif all(run.run is None for run in calibration.runs.values() if run.method == method):
+        fix = (
+            "a set captured before vgrt kept every UNet a run calls holds each method's own only: capture again "
+            f"into a new set, `{capture}`, then quantise it with --from-set --set NEW_SET --features {features}"
         )
-    return features.pop()
+    else:
+        fix = f"{method}'s runs call no other UNet: choose --features {' or '.join(layouts)}"
+    raise InvalidInputError(
+        f"the calibration set {str(calibration.directory)!r} holds no calls of {method}'s UNet with features "
+        f"{features}; it holds: {', '.join(held)}; {fix}"
+    )
+
+
+def _print_other_layouts(args: argparse.Namespace, calibration_set, calibration) -> None:
+    """After the method's own UNet: the commands that quantise its other UNets in the set, and the compose
+    that runs them all; after another: the compose that runs it with the own one."""
+    from vgrt.models.features import features_text, parse_features
+    from vgrt.runtime.methods.registry import METHODS
+
+    own = features_text(parse_features(METHODS[args.method].features))
+    others = [features for features in calibration.layouts(args.method) if features != args.features]
+    if not others:
+        return
+    model = f"--weights {args.weights}" if args.weights else f"--preset {args.preset}"
+    compose = f"vgrt compose {args.method} ... {model} --precision int8"
+    if args.features != own:
+        if args.target == "cpu":
+            print(
+                f"run it with the export of {args.method}'s own UNet: {compose} --calibrated OWN --calibrated {args.out}"
+            )
+        return
+    target = f" --target {args.target} --precision {args.precision}" if args.target != "cpu" else ""
+    outs = {features: f"{args.out.rstrip('/')}-{features.replace(',', '+')}" for features in others}
+    print(f"the set also holds calls of {args.method}'s UNet with features {', '.join(others)}; quantise them with:")
+    for features, out in outs.items():
+        print(
+            f"  vgrt calibrate {args.method} {model}{target} --from-set --set {calibration_set} --features {features} "
+            f"--out {out}"
+        )
+    if args.target == "cpu":
+        print(f"then run them all: {compose} " + " ".join(f"--calibrated {o}" for o in (args.out, *outs.values())))
 
 
 def _quantise(args: argparse.Namespace, source, features: str, calibration, out) -> None:
