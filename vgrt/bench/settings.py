@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from vgrt.bench.backends import select_backends
 from vgrt.bench.suites import get_suite
 from vgrt.errors import InvalidInputError
-from vgrt.models.features import features_text, parse_features
+from vgrt.models.features import canonical_features, features_text
 from vgrt.models.presets import get_preset
 
 DTYPES = ("fp32", "fp16")
@@ -107,7 +107,7 @@ def make_settings(
     if threads < 0:
         raise InvalidInputError(f"--threads must be >= 0 (0: PyTorch's default), got {threads}")
     if features is not None:
-        features = tuple(features_text(parse_features(f)) for f in features)
+        features = tuple(canonical_features(f) for f in features)
     if export_dir is not None:
         presets, features, dtypes = _from_export(export_dir, presets, features, dtypes)
     if feeds_dir is not None or plain_export_dir is not None:

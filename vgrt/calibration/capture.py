@@ -41,7 +41,7 @@ from vgrt.checks import check_seed
 from vgrt.engines.base import Runner, RunnerWrapper
 from vgrt.errors import ArtifactError, InvalidInputError
 from vgrt.export.spec import ComponentSpec, unet_spec
-from vgrt.models.features import FEATURES, features_text, parse_features
+from vgrt.models.features import FEATURES, canonical_features, features_text, parse_features
 from vgrt.models.presets import Preset
 from vgrt.models.source import ModelSource
 
@@ -296,10 +296,10 @@ def capture(
         pending = [run for run in runs if run.key not in captured]
         held = Counter()  # samples per layout
         for entry in writer.runs.values():
-            held[_layout(entry.features)] += entry.samples
+            held[canonical_features(entry.features)] += entry.samples
         if len(runs) > len(pending):
             log.info("%d of %d runs are already in %s: skipping them", len(runs) - len(pending), len(runs), directory)
-        if pending and all(held[_layout(run.features)] >= max_samples for run in pending):
+        if pending and all(held[canonical_features(run.features)] >= max_samples for run in pending):
             log.warning(
                 "the set %s already holds --max-samples (%d) samples of the own UNet of every run left: capturing "
                 "no more", directory, max_samples,
@@ -312,7 +312,7 @@ def capture(
                 bar = tqdm(pending, desc="capture", unit="run", disable=not progress)
                 for index, run in enumerate(bar):
                     quota = functools.partial(_share, max_samples, held, len(pending) - index)
-                    if quota(_layout(run.features)) == 0:
+                    if quota(canonical_features(run.features)) == 0:
                         log.warning(
                             "--max-samples %d of %s's UNet (features %s) is used up in %s: %d runs left uncaptured",
                             max_samples, run.method, run.features, directory, len(pending) - index,
@@ -328,10 +328,6 @@ def _share(max_samples: int, held: Counter, runs: int, features: str) -> int:
     """A run's quota of a layout: an equal share of what is left of it among the `runs` still to capture."""
     left = max_samples - held[features]
     return max(1, left // runs) if left > 0 else 0
-
-
-def _layout(features: str) -> str:
-    return features_text(parse_features(features))
 
 
 def _capture_run(

@@ -139,7 +139,7 @@ def _checked(args: argparse.Namespace):
     from vgrt.checks import check_writable_folder
     from vgrt.errors import InvalidInputError
     from vgrt.export.staging import check_replaceable
-    from vgrt.models.features import features_text, parse_features
+    from vgrt.models.features import canonical_features
     from vgrt.models.source import ModelSource
     from vgrt.runtime.methods.registry import METHODS
 
@@ -164,7 +164,7 @@ def _checked(args: argparse.Namespace):
     if args.set is None and args.out is None:
         raise InvalidInputError("--capture-only needs --set DIR, the calibration set to capture into")
     args.smoothquant = _alphas(args.smoothquant)
-    args.features = features_text(parse_features(args.features or METHODS[args.method].features))
+    args.features = canonical_features(args.features or METHODS[args.method].features)
     if args.max_samples < 1:
         raise InvalidInputError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.steps is not None and args.steps < 1:
@@ -249,10 +249,10 @@ def _check_holds(calibration, method: str, features: str) -> None:
 def _print_other_layouts(args: argparse.Namespace, calibration_set, calibration) -> None:
     """After the method's own UNet: the commands that quantise its other UNets in the set, and the compose
     that runs them all; after another: the compose that runs it with the own one."""
-    from vgrt.models.features import features_text, parse_features
+    from vgrt.models.features import canonical_features
     from vgrt.runtime.methods.registry import METHODS
 
-    own = features_text(parse_features(METHODS[args.method].features))
+    own = canonical_features(METHODS[args.method].features)
     others = [features for features in calibration.layouts(args.method) if features != args.features]
     if not others:
         return

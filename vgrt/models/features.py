@@ -45,3 +45,8 @@ def parse_features(text: str | list[str] | tuple[str, ...] | frozenset[str]) -> 
 
 def features_text(features: frozenset[str]) -> str:
     return ",".join(f for f in FEATURES if f in features) or "none"
+
+
+def canonical_features(text: str | list[str] | tuple[str, ...] | frozenset[str]) -> str:
+    """One spelling per feature set ('regions,extra_tokens' and 'extra_tokens,regions' name one layout)."""
+    return features_text(parse_features(text))
