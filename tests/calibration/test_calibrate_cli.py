@@ -29,6 +29,7 @@ def no_work(monkeypatch):
         (["--capture-only", "--from-set"], "--from-set and --capture-only exclude each other"),
         (["--smoothquant", "0.5,2"], "--smoothquant '0.5,2' is not comma-separated numbers in [0, 1]"),
         (["--target", "tensorrt", "--int8-attention"], "--int8-attention is for --target cpu"),
+        (["--target", "tensorrt", "--reduce-range"], "--reduce-range is for --target cpu"),
         (["--features", "mutal"], "unknown feature(s) 'mutal'"),
     ],
 )
@@ -65,17 +66,19 @@ def test_from_set_without_a_set_names_the_fix(tmp_path, capsys, monkeypatch):
     assert "holds no calibration set" in capsys.readouterr().err
 
 
-def test_int8_attention_from_a_set_reaches_the_manifest(masked_set, tmp_path, capsys, monkeypatch):
+def test_int8_attention_and_reduce_range_from_a_set_reach_the_manifest(masked_set, tmp_path, capsys, monkeypatch):
     from vgrt.export.manifest import read_manifest
 
     export, calibration = masked_set
     monkeypatch.setattr("vgrt.export.cache.cached_export", lambda settings, cache: export)  # the session's export
     out = tmp_path / "int8"
     args = ["calibrate", "locref", "--from-set", "--set", str(calibration), "--out", str(out), "--int8-attention"]
-    assert main(args) == 0
-    assert "attentions without a mask in int8" in capsys.readouterr().out
+    assert main([*args, "--reduce-range"]) == 0
+    printed = capsys.readouterr().out
+    assert "attentions without a mask in int8" in printed and "7-bit weights" in printed
     quantization = read_manifest(out).data["quantization"]
     assert quantization["int8_attention"]["ranges"] and "Attention (without a mask)" in quantization["quantised_ops"]
+    assert quantization["reduce_range"] is True
 
 
 @pytest.mark.slow

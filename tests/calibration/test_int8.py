@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 
+from ..runtime.cpu import pretend_cpu
+
 pytest.importorskip("onnxruntime.quantization")
 
 # Measured on the synthetic set's held-out feeds: ONNX Runtime 0.03-0.07, OpenVINO 0.05-0.10 (random
-# weights and feeds); the bound leaves room for run-to-run spread and catches a broken quantisation (> 0.3).
+# weights and feeds; AVX-512 VNNI, 8-bit weights; AVX2 without VNNI, 7-bit weights: 0.05 on both); the bound leaves room for run-to-run spread and catches a broken quantisation (> 0.3).
 TOLERANCE = 0.15
 
 
@@ -35,6 +37,7 @@ def test_int8_export_opens_with_open_runner_and_agrees_with_fp32(int8_export, ba
 
 
 def test_int8_manifest_names_precision_backends_set_and_float_parts(int8_export, synthetic_set):
+    from vgrt.calibration.int8 import Int8Settings, reduces_range
     from vgrt.export.manifest import read_manifest
 
     _, out, report = int8_export
@@ -47,6 +50,32 @@ def test_int8_manifest_names_precision_backends_set_and_float_parts(int8_export,
     assert quantization["calibration"]["samples"] == 8
     assert any("Attention" in part for part in quantization["kept_in_float"])
     assert quantization["float_layers"] == report.float_layers
+    assert quantization["reduce_range"] is reduces_range(Int8Settings())  # chosen by the CPU that quantised
+
+
+@pytest.mark.parametrize(
+    "flags,chosen,expected",
+    [(("avx2",), None, True), (("avx512_vnni",), None, False), ((None,), None, True), (("avx2",), False, False)],
+)
+def test_weights_are_7_bit_where_the_cpu_has_no_int8_units_unless_chosen(monkeypatch, flags, chosen, expected):
+    from vgrt.calibration.int8 import Int8Settings, reduces_range
+
+    pretend_cpu(monkeypatch, *flags)
+    assert reduces_range(Int8Settings(reduce_range=chosen)) is expected
+
+
+@pytest.mark.parametrize("flags,warned", [(("avx2",), True), (("avx2", "avx_vnni"), False)])
+def test_8_bit_weights_opened_on_a_cpu_without_int8_units_are_warned_of(
+    int8_export, tmp_path, monkeypatch, caplog, flags, warned
+):
+    from vgrt.engines import open_runner
+
+    pretend_cpu(monkeypatch, *flags)
+    copy = _manifest_with(int8_export, tmp_path, lambda d: d["quantization"].update(reduce_range=False))
+    with caplog.at_level("WARNING", logger="vgrt.engines"):
+        open_runner(copy, backend="onnxruntime")
+    assert ("saturating int16" in caplog.text) is warned
+    assert "vgrt calibrate --reduce-range" in caplog.text or not warned
 
 
 def test_torch_backend_is_refused_for_an_int8_export(int8_export):

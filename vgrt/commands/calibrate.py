@@ -97,6 +97,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         f"attention stays float; cpu int8; default: {'on' if DEFAULT_INT8_ATTENTION else 'off'})",
     )  # fmt: skip
     parser.add_argument(
+        "--reduce-range", action=argparse.BooleanOptionalAction,
+        help="quantise the weights in 7 bits, which CPUs without VNNI or AMX-INT8 need (their int8 kernels "
+        "saturate on 8-bit weights; cpu int8; default: by this CPU)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-report", action="store_true", help="skip the quality report (each run again with fp32, int8 and bf16)"
     )
     parser.add_argument("--cache", help="export cache directory (default: $VGRT_CACHE or ~/.cache/vgrt)")
@@ -151,6 +156,8 @@ def _checked(args: argparse.Namespace):
         raise InvalidInputError(
             "--int8-attention is for --target cpu (OpenVINO and ONNX Runtime); TensorRT's attention stays fp16"
         )
+    if args.reduce_range is not None and args.target != "cpu":
+        raise InvalidInputError("--reduce-range is for --target cpu; TensorRT's int8 kernels take 8-bit weights")
     if args.int8_attention is None:
         args.int8_attention = DEFAULT_INT8_ATTENTION
     if args.from_set and args.capture_only:
@@ -277,7 +284,7 @@ def _print_other_layouts(args: argparse.Namespace, calibration_set, calibration)
 
 
 def _quantise(args: argparse.Namespace, source, features: str, calibration, out) -> None:
-    from vgrt.calibration.int8 import Int8Settings, quantize_export
+    from vgrt.calibration.int8 import Int8Settings, quantize_export, reduces_range
     from vgrt.calibration.tensorrt_qdq import TensorRtQdqSettings, default_sqnr_threshold_db, quantize_for_tensorrt
     from vgrt.export.cache import cached_export
     from vgrt.export.exporter import ExportSettings
@@ -298,9 +305,14 @@ def _quantise(args: argparse.Namespace, source, features: str, calibration, out)
         out, report = quantize_for_tensorrt(export, calibration, out, settings, progress=True)
         runs_on = "Q/DQ for TensorRT, measured on ONNX Runtime's CPU reference"
     else:
-        int8 = Int8Settings(threshold, smoothquant_alphas=args.smoothquant, int8_attention=args.int8_attention)
+        int8 = Int8Settings(
+            threshold,
+            smoothquant_alphas=args.smoothquant,
+            int8_attention=args.int8_attention,
+            reduce_range=args.reduce_range,
+        )
         out, report = quantize_export(export, calibration, out, int8, progress=True)
-        runs_on = "opens on onnxruntime and openvino"
+        runs_on = "opens on onnxruntime and openvino" + ("; 7-bit weights" if reduces_range(int8) else "")
     worst = min(report.layer_sqnr_db.items(), key=lambda item: item[1])
     print(f"wrote {out}/manifest.json ({args.precision} UNet, features {features}; {runs_on})")
     print(

@@ -1,9 +1,12 @@
 """Runners with one interface (torch, onnxruntime, openvino, tensorrt); `open_runner` opens any exported directory."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from vgrt.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
@@ -24,6 +27,8 @@ def open_runner(directory: str | Path, component: str = "unet", backend: str = "
     check_settings(backend, settings)
     manifest = read_manifest(directory)
     manifest.check_backend(backend)  # an int8 export opens only on the backends its manifest names
+    if backend in ("onnxruntime", "openvino"):
+        _warn_if_int8_saturates(manifest)
     entry = manifest.component(component)
     if backend == "tensorrt":
         from vgrt.engines.tensorrt.runner_from_export import runner_from_export
@@ -42,6 +47,20 @@ def open_runner(directory: str | Path, component: str = "unet", backend: str = "
 
     module, dtype = module_from_manifest(manifest, component)
     return TorchRunner(module, entry.spec, dtype=dtype, **settings)
+
+
+def _warn_if_int8_saturates(manifest) -> None:
+    """An INT8 export with 8-bit weights runs, but inaccurately, on a CPU without int8 dot-product units
+    (vgrt.calibration.int8.reduces_range): said once per open, not refused."""
+    from vgrt.engines.cpu_features import read_cpu_features
+
+    quantization = manifest.data.get("quantization") or {}
+    if quantization.get("reduce_range") is False and read_cpu_features().int8 is False:
+        log.warning(
+            "%s has 8-bit int8 weights, which this CPU (no VNNI or AMX-INT8) adds in saturating int16: expect "
+            "several times the calibrated error; quantise again here (vgrt calibrate --reduce-range)",
+            manifest.directory,
+        )
 
 
 THREAD_SETTINGS = {"onnxruntime": "intra_op_threads", "openvino": "threads"}  # torch: torch.set_num_threads
