@@ -52,7 +52,10 @@ def test_rounds_rotate_the_children_and_record_their_opening(unet_run):
 
 def test_the_run_records_its_context(unet_run):
     run, stdout, png = unet_run
+    from vgrt.engines.cpu_features import read_cpu_features
+
     assert run["machine"]["logical_cores"] >= 1 and run["machine"]["ram_bytes"] > 0
+    assert run["machine"]["cpu_units"] == read_cpu_features().describe()  # which precisions had matrix units
     assert {"torch", "onnxruntime", "vgrt"} <= set(run["versions"])
     assert run["memory"]["peak_rss_bytes"] > 0
     assert run["details"]["exports"][0]["reused"]

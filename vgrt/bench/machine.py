@@ -16,6 +16,7 @@ _PACKAGES = (
     "onnxruntime-gpu",
     "onnx",
     "onnxscript",
+    "openvino",
     "numpy",
     "diffusers",
     "triton",
@@ -26,8 +27,13 @@ _PACKAGES = (
 def machine_info() -> dict[str, object]:
     import torch
 
+    from vgrt.engines.cpu_features import read_cpu_features
+
+    cpu = read_cpu_features()
     info: dict[str, object] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu.model,
+        # Which precisions have matrix units decides the CPU figures (bf16 and int8 are emulated without them).
+        "cpu_units": cpu.describe(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
@@ -46,17 +52,6 @@ def machine_info() -> dict[str, object]:
             "cuda": torch.version.cuda,
         }
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def library_versions() -> dict[str, str]:
