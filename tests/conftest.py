@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,18 +46,27 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """tiny_export(features=..., dtype=..., attention_form=..., opset=...) -> exported directory (cached)."""
-    from vgrt.export.exporter import ExportSettings, export
+def composer_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vgrt-cache")
 
-    made: dict[tuple, Path] = {}
+
+@pytest.fixture(scope="session")
+def tiny_export(composer_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """tiny_export(features=..., dtype=..., attention_form=..., opset=...) -> exported directory. Each export
+    (about a minute of tracing on a 2-core CPU) is made once, as an entry of the session's export cache that
+    the composers running the same UNet share; tests get a hard-linked copy without the engines the
+    composers compile into the entry."""
+    from vgrt.export.cache import cached_export
+    from vgrt.export.exporter import ExportSettings
+
+    copies = tmp_path_factory.mktemp("exports")
 
     def get(**settings: object) -> Path:
-        key = tuple(sorted(settings.items()))
-        if key not in made:
-            name = "-".join(f"{k}={v}" for k, v in key).replace(",", "+") or "plain"
-            made[key] = export(tmp_path_factory.mktemp("exports") / name, ExportSettings(preset="tiny", **settings))
-        return made[key]
+        entry = cached_export(ExportSettings(preset="tiny", **settings), composer_cache)
+        copy = copies / entry.name
+        if not copy.exists():
+            shutil.copytree(entry, copy, copy_function=os.link, ignore=shutil.ignore_patterns("openvino", "tensorrt"))
+        return copy
 
     return get
 
@@ -69,11 +79,6 @@ def examples(tmp_path_factory):
     directory = tmp_path_factory.mktemp("examples")
     write_examples(directory, size=32)
     return directory
-
-
-@pytest.fixture(scope="session")
-def composer_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("vgrt-cache")
 
 
 # One OpenVINO thread, for the reason one_torch_thread gives; its compiled models live in the shared cache.

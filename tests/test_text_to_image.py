@@ -34,11 +34,10 @@ def _noise() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
-def test_text_to_image_matches_diffusers_pipeline(folder, diffusers_image, backend, tmp_path_factory):
+def test_text_to_image_matches_diffusers_pipeline(folder, diffusers_image, backend, composer_cache):
     options = {"threads": 1} if backend == "openvino" else {}
-    cache = tmp_path_factory.mktemp(f"t2i-cache-{backend}")
-    with Composer.from_pretrained(
-        folder, preset="tiny", backend=backend, cache=cache, progress=False, runner_options=options
+    with Composer.from_pretrained(  # the backends share the folder's exports
+        folder, preset="tiny", backend=backend, cache=composer_cache, progress=False, runner_options=options
     ) as composer:
         request = text_to_image.TextToImageRequest(PROMPT, SIZE, SIZE, steps=STEPS, latents=_noise())
         composition = text_to_image.compose(composer, request)

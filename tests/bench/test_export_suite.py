@@ -1,8 +1,11 @@
 """`vgrt bench export --quick`: the tiny export timed in a child process, with its peak memory."""
 
+import pytest
+
 from tests.bench.helpers import run_bench
 
 
+@pytest.mark.slow  # a minute on a 2-core CPU: it times a whole export, which no other test can share
 def test_export_time_and_peak_memory(tmp_path):
     run, stdout, png = run_bench("export", "--quick", out=tmp_path)
     (case,) = run["cases"]

@@ -11,6 +11,7 @@ from vgrt.bench.settings import make_settings
 from vgrt.errors import InvalidInputError
 
 
+@pytest.mark.slow  # two minutes on a 2-core CPU: the folder's three components exported in a child
 def test_vgrt_competitors_run_in_processes_of_their_own(tmp_path):
     run, stdout, _ = run_bench(
         "peer", "--quick", "--preset", "tiny", "--backends", "torch,vgrt-openvino", "--repeats", "1", out=tmp_path

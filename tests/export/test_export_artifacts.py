@@ -29,13 +29,14 @@ def test_manifest_describes_the_export(tiny_export):
 
 
 def test_interrupted_export_leaves_no_directory_and_keeps_the_old_one(tmp_path, monkeypatch, tiny_export):
-    def fail(*args, **kwargs):
+    def interrupted_while_saving(name, source, features, settings, staging):  # after the minute of tracing
+        (staging / f"{name}.onnx").write_bytes(b"half a model")
         raise KeyboardInterrupt
 
     old = tmp_path / "old"
     shutil.copytree(tiny_export(features="none"), old)
     before = read_manifest(old).data
-    monkeypatch.setattr(exporter, "_save", fail)
+    monkeypatch.setattr(exporter, "_export_component", interrupted_while_saving)
     for target in (tmp_path / "new", old):
         with pytest.raises(KeyboardInterrupt):
             export(target, ExportSettings(preset="tiny"))
