@@ -2,7 +2,6 @@
 
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,6 +55,7 @@ def tiny_export(composer_cache: Path, tmp_path_factory: pytest.TempPathFactory) 
     (about a minute of tracing on a 2-core CPU) is made once, as an entry of the session's export cache that
     the composers running the same UNet share; tests get a hard-linked copy without the engines the
     composers compile into the entry."""
+    from tests.exports import copy_export
     from vgrt.export.cache import cached_export
     from vgrt.export.exporter import ExportSettings
 
@@ -65,7 +65,7 @@ def tiny_export(composer_cache: Path, tmp_path_factory: pytest.TempPathFactory) 
         entry = cached_export(ExportSettings(preset="tiny", **settings), composer_cache)
         copy = copies / entry.name
         if not copy.exists():
-            shutil.copytree(entry, copy, copy_function=os.link, ignore=shutil.ignore_patterns("openvino", "tensorrt"))
+            copy_export(entry, copy, copy_function=os.link)
         return copy
 
     return get

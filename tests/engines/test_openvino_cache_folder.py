@@ -3,12 +3,12 @@ each blob by the model it compiles, shapes included), and each activation renews
 `vgrt cache prune` frees it."""
 
 import os
-import shutil
 import time
 
 import pytest
 
 from tests.export.test_unet_parity import relative_error
+from tests.exports import copy_export
 from vgrt._lazy import is_available
 from vgrt.engines import open_runner
 from vgrt.export import example_feed
@@ -36,7 +36,7 @@ def test_static_and_dynamic_models_share_one_folder_and_both_match_torch(tiny_ex
 
 
 def test_each_activation_renews_the_folders_last_use(tiny_export, tmp_path):
-    entry = shutil.copytree(tiny_export(features="none"), tmp_path / f"tiny-{'e' * 16}")
+    entry = copy_export(tiny_export(features="none"), tmp_path / f"tiny-{'e' * 16}")
     with open_runner(entry, backend="openvino") as runner:  # the default cache: inside the export
         folder = runner.folder
     unused = time.time() - 40 * 86400

@@ -2,7 +2,6 @@
 threads, static shapes, cache folder) reach OpenVINO, and a second open reuses the compiled model."""
 
 import re
-import shutil
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ import torch
 
 from tests.export.test_components import ENCODERS
 from tests.export.test_unet_parity import FEATURE_SETS, relative_error
+from tests.exports import copy_export
 from vgrt._lazy import is_available
 from vgrt.engines import open_runner
 from vgrt.errors import InvalidInputError, MissingDependencyError
@@ -222,7 +222,7 @@ def test_a_second_open_reuses_the_prepared_and_compiled_model(tiny_export, tmp_p
 
 
 def test_the_cache_is_keyed_by_settings_and_content_and_defaults_to_the_export(tiny_export, tmp_path):
-    export = shutil.copytree(tiny_export(features="none"), tmp_path / "export")
+    export = copy_export(tiny_export(features="none"), tmp_path / "export")
     folders = []
     for settings in ({}, {"threads": 1}, {"static_shapes": False}):
         with open_runner(export, backend="openvino", **settings) as runner:
