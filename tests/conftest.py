@@ -44,6 +44,35 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def each_model_traced_once():
+    """Tracing is the minute of an export on a 2-core CPU, and a module, spec and opset trace to one graph
+    whatever is done to it afterwards (attention forms, a cache's file layout): the exports made in this
+    process trace each model once and run their passes on a copy."""
+    import json
+
+    import onnx
+
+    from vgrt.export import exporter
+    from vgrt.models.weights import model_sha256
+
+    trace = exporter.trace_to_onnx
+    traced: dict[tuple, onnx.ModelProto] = {}
+
+    def traced_once(module, spec, opset):
+        processors = [type(getattr(m, "processor", None)).__qualname__ for m in module.modules()]
+        key = (model_sha256(module), json.dumps(spec.to_json(), sort_keys=True), opset, repr(processors))
+        if key not in traced:
+            traced[key] = trace(module, spec, opset)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(traced[key])
+        return copy
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exporter, "trace_to_onnx", traced_once)
+        yield
+
+
 @pytest.fixture(scope="session")
 def composer_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("vgrt-cache")
